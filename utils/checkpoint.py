@@ -1,0 +1,84 @@
+"""Training checkpoints: written atomically, read with `weights_only=True`, carrying everything a resume needs.
+
+A checkpoint is a plain dict of tensors and Python primitives, so `torch.load(..., weights_only=True)` reads it:
+`format`, `model` (state_dict), `optimizer`, `scheduler`, `scaler`, `step`, `samples_seen`, `sampler`, `rng`,
+`best_score`, `config` (the resolved YAML), `stage`. `models.load_checkpoint` recognises the `format` key.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "mpc-reimpl"
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def capture_rng_state() -> dict:
+    """Every random stream the training step draws from, as tensors and primitives."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_training_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read one of our checkpoints for resuming; errors name the file."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at '{path}'") from None
+    except Exception as error:  # truncated, corrupt or foreign pickle: weights_only refuses code
+        raise RuntimeError(f"cannot read checkpoint '{path}': {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise RuntimeError(f"'{path}' is not a training checkpoint of this project (no format '{CHECKPOINT_FORMAT}'); "
+                           "to start from other weights use MODEL.IMAGENET_WEIGHTS or MODEL.STAGE1_WEIGHTS")
+    return checkpoint

@@ -1,0 +1,111 @@
+"""Experiment configuration: every default in one place, one YAML per experiment, `KEY VALUE` overrides.
+
+Defaults are the faithful HRT-B / CATNet-protocol recipe of the official code (MPC_SPEC Appendix A); a YAML file
+changes what differs for its experiment, and command-line pairs such as `SOLVER.LR 5e-5` change the rest.
+"""
+from __future__ import annotations
+
+import os
+
+from fvcore.common.config import CfgNode
+
+_C = CfgNode()
+_C.STAGE = 1  # 1 = contrastive pre-training of the backbone, 2 = localization head
+
+_C.MODEL = CfgNode()
+_C.MODEL.BACKBONE = "hrt_base"  # hrt_base | hrt_small | hrt_tiny | hrt_nano | hrnet_w18 | hrnet_w32 | hrnet_w48
+_C.MODEL.DROP_PATH_RATE = 0.2  # stochastic depth: what makes the two stage-1 views differ
+_C.MODEL.HEAD = "catnet"  # catnet | casiav2 (stage 2)
+_C.MODEL.IMAGENET_WEIGHTS = ""  # stage 1: HRFormer/HRNet ImageNet file to start from ("" = from scratch)
+_C.MODEL.STAGE1_WEIGHTS = ""  # stage 2: the stage-1 checkpoint whose backbone is loaded (required)
+
+_C.DATA = CfgNode()
+_C.DATA.INPUT_SIZE = 512
+_C.DATA.GT_RATIO = 4  # training masks at 1/4 of the input, the model's output stride
+# Training mixture: [file list, repeat factor] pairs. The official CATNet protocol (MPC_SPEC §5):
+_C.DATA.TRAIN_LISTS = [
+    ["flist/tampCOCO_sp_199999.npy", 1],
+    ["flist/tampCOCO_cm_199429.npy", 1],
+    ["flist/tampCOCO_bcm_199443.npy", 1],
+    ["flist/CASIA2_5123.npy", 40],
+    ["flist/IMD_2010.npy", 20],
+]
+# Validation: a seeded held-out split of the training lists' unique images (clean, MPC_SPEC §9.8). Naming lists
+# here (the official code uses flist/CASIAv1_920.npy and flist/DSO_100.npy, both test sets) replaces the split.
+_C.DATA.VAL_LISTS = []
+_C.DATA.VAL_HOLDOUT = 1000
+_C.DATA.VAL_SEED = 0  # the split stays the same across runs and stages whatever RUNTIME.SEED is
+_C.DATA.TEST_LISTS = [
+    "flist/Columbia_160.npy", "flist/DSO_100.npy", "flist/CASIAv1_920.npy", "flist/NIST_564.npy",
+    "flist/Coverage_100.npy", "flist/Korus_220.npy", "flist/In_the_wild_201.npy", "flist/CoCoGlide_512.npy",
+    "flist/MISD_227.npy", "flist/FFpp_1000.npy",
+]
+_C.DATA.AUGMENT = True
+_C.DATA.NUM_WORKERS = 4
+_C.DATA.SKIP_BAD = False  # skip and count unreadable training samples instead of stopping
+
+_C.LOSS = CfgNode()
+_C.LOSS.MAX_SAMPLES = 5000  # per class set, per image, per term
+_C.LOSS.TEMPERATURE = 0.1
+_C.LOSS.WITHIN_IMAGE = 1.0
+_C.LOSS.CROSS_SCALE = 1.0
+_C.LOSS.CROSS_MODALITY = 1.0
+_C.LOSS.POSITIVES = "own"  # own (official code) | other (the paper's figure), MPC_SPEC §9.4
+_C.LOSS.SHARE_SAMPLES = False  # one sample per class set reused by every term (official: redrawn per term)
+_C.LOSS.HEAD = "focal"  # stage 2: focal (official code, α 0.5 γ 2) | bce (the paper's text)
+
+_C.SOLVER = CfgNode()
+_C.SOLVER.BATCH_SIZE = 4  # per process
+_C.SOLVER.LR = 1e-4
+_C.SOLVER.WEIGHT_DECAY = 0.01
+_C.SOLVER.MAX_STEPS = 200000  # finite by default; 0 with RUN_FOREVER = the official "stop by hand"
+_C.SOLVER.RUN_FOREVER = False
+_C.SOLVER.VAL_EVERY = 8436  # samples between validations (official: 1 % of the 843,991-sample epoch)
+_C.SOLVER.SCHEDULER = "plateau"  # plateau (stage 1) | cosine (stage 2), both stepped once per validation
+_C.SOLVER.PLATEAU_FACTOR = 0.5
+_C.SOLVER.PLATEAU_PATIENCE = 3
+_C.SOLVER.MIN_LR = 1e-8
+_C.SOLVER.COSINE_T_MAX = 20  # validations
+_C.SOLVER.MAX_BAD_STEPS = 20  # consecutive non-finite losses before the run stops
+_C.SOLVER.LOG_EVERY = 20  # steps between CSV / TensorBoard rows
+
+_C.STAGE2 = CfgNode()
+_C.STAGE2.FREEZE_BACKBONE = True  # eval mode, no gradients, forward under no_grad
+_C.STAGE2.FAITHFUL_TRAIN_MODE = False  # official: backbone left in train mode (BN drifts, DropPath on), §9.3
+
+_C.TEST = CfgNode()
+_C.TEST.THRESHOLD = 0.5  # applied as the official > 127 on the 0-255 map
+_C.TEST.NUM_WORKERS = 2
+
+_C.RUNTIME = CfgNode()
+_C.RUNTIME.SEED = 0
+_C.RUNTIME.DEVICE = "auto"  # auto | cpu | cuda | cuda:N
+_C.RUNTIME.AMP = "off"  # off | auto (bf16 where supported, else fp16 with a scaler) | bf16 | fp16; CUDA only
+_C.RUNTIME.CHANNELS_LAST = False
+_C.RUNTIME.COMPILE = False
+_C.RUNTIME.SYNC_BN = False  # multi-GPU only
+
+
+def get_default_config() -> CfgNode:
+    return _C.clone()
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CfgNode:
+    """Defaults, then the YAML file (if any), then `KEY VALUE` overrides; frozen."""
+    cfg = get_default_config()
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file '{path}' does not exist")
+        cfg.merge_from_file(path)
+    if len(overrides) % 2:
+        raise ValueError(f"overrides come in KEY VALUE pairs; got an odd number: {list(overrides)}")
+    cfg.merge_from_list(list(overrides))
+    cfg.freeze()
+    return cfg
+
+
+def save_config(cfg: CfgNode, path: str) -> None:
+    """Write the resolved config atomically."""
+    from utils.checkpoint import atomic_write_text
+
+    atomic_write_text(path, cfg.dump())
