@@ -1,0 +1,112 @@
+"""Stage 1: multi-view pixel-contrastive pre-training of the backbone.
+
+Each batch goes through the backbone twice in train mode (two stochastic-depth views); the within-image,
+cross-scale and cross-modality InfoNCE terms are summed; AdamW over all backbone parameters; ReduceLROnPlateau on
+the validation score (k-means on the fused normalised features, the smaller cluster called forged).
+
+    python stage1/train.py --config configs/stage1_hrt_base.yaml --out runs/stage1 [KEY VALUE ...]
+    torchrun --nproc_per_node 4 stage1/train.py --config … --out …
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python stage1/train.py`: make the repository's packages importable first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+
+from losses import multi_view_pixel_contrast
+from models import build_stage1_model
+from utils import distributed
+from utils.builders import build_datasets, build_optimizer, prepare_model
+from utils.cli import config_from_args, resume_path, training_parser
+from utils.engine import StageHooks, Trainer
+from utils.evaluation import evaluate, mpc_score
+from utils.kmeans import kmeans_forgery_mask
+from utils.logging import get_logger
+from utils.runtime import resolve_device, seed_everything
+
+
+class TwoViews(nn.Module):
+    """Runs the backbone twice on the same batch so that DDP sees one forward per step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model(images), self.model(images)
+
+
+def loss_terms(cfg):
+    weights = {"within_image": cfg.LOSS.WITHIN_IMAGE, "cross_scale": cfg.LOSS.CROSS_SCALE,
+               "cross_modality": cfg.LOSS.CROSS_MODALITY}
+
+    def train_step(module, batch):
+        view1, view2 = module(batch["image"])
+        return multi_view_pixel_contrast(view1, view2, batch["mask"], max_samples=cfg.LOSS.MAX_SAMPLES,
+                                         temperature=cfg.LOSS.TEMPERATURE, weights=weights,
+                                         positives=cfg.LOSS.POSITIVES, share_samples=cfg.LOSS.SHARE_SAMPLES)
+    return train_step
+
+
+def kmeans_validation(cfg, val_sets, device):
+    """Official stage-1 validation: k-means (k = 2, cosine) on the fused normalised features of each image."""
+    generator_seed = 123  # torch_kmeans' default seed in the official run
+
+    def validate(model):
+        def predict(images):
+            generator = torch.Generator(device="cpu").manual_seed(generator_seed)
+            return kmeans_forgery_mask(model(images), generator=generator).float()
+
+        results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}")
+                   for name, dataset in val_sets.items()}
+        summary = {"score": mpc_score(results)}
+        for name, result in results.items():
+            summary[f"{name}_f1"] = result["f1_fixed"]
+            summary[f"{name}_iou"] = result["iou"]
+        return summary
+
+    return validate
+
+
+def main(argv=None) -> dict:
+    args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = config_from_args(args, stage=1)
+    device = resolve_device(cfg.RUNTIME.DEVICE)
+    rank, world_size = distributed.init_distributed(device)
+    seed_everything(cfg.RUNTIME.SEED + rank)
+    logger = get_logger("stage1", args.out if rank == 0 else None)
+
+    weights_file = cfg.MODEL.IMAGENET_WEIGHTS or None
+    model = build_stage1_model(cfg.MODEL.BACKBONE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE, normalize=True,
+                               pretrained_path=weights_file)
+    logger.info(f"backbone {cfg.MODEL.BACKBONE}: " + (f"starting from ImageNet weights {weights_file}"
+                                                      if weights_file else "trained from scratch (no ImageNet weights "
+                                                      "named in MODEL.IMAGENET_WEIGHTS)"))
+    model = prepare_model(cfg, model, device, world_size)
+    optimizer = build_optimizer(cfg, model.parameters())
+    train_set, val_sets, collate = build_datasets(cfg, logger)
+
+    hooks = StageHooks(set_train_mode=lambda m: m.train(), train_step=loss_terms(cfg),
+                       validate=kmeans_validation(cfg, val_sets, device))
+    trainer = Trainer(cfg, args.out, model, optimizer, train_set, hooks, device, collate_fn=collate,
+                      rank=rank, world_size=world_size, forward_module=TwoViews(model))
+    checkpoint = resume_path(args)
+    if checkpoint:
+        trainer.resume(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {trainer.step}")
+    results = trainer.fit(cfg.SOLVER.MAX_STEPS if not cfg.SOLVER.RUN_FOREVER else 0)
+    logger.info(f"done: step {trainer.step}, best score {trainer.best_score:.4f}, "
+                f"{trainer.skipped_nonfinite} non-finite steps skipped, {trainer.skipped_samples} bad samples skipped; "
+                f"checkpoints in {os.path.abspath(args.out)}")
+    distributed.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
