@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "Projection", "DropPath"]
+__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "Projection", "DropPath", "build_hrformer"]
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,7 @@ class HRFormer(nn.Module):
         return [proj(t) for proj, t in zip(self.convs, self.forward_branches(x))]
 
 
-def hrformer(name: str, drop_path_rate: float = 0.2) -> HRFormer:
+def build_hrformer(name: str, drop_path_rate: float = 0.2) -> HRFormer:
     """Build an HRFormer by config name (see ``HRFORMER_CONFIGS``)."""
     if name not in HRFORMER_CONFIGS:
         raise ValueError(f"unknown HRFormer config {name!r}; choose from {sorted(HRFORMER_CONFIGS)}")
