@@ -60,22 +60,30 @@ class LoadReport:
     __str__ = summary
 
 
+def _weights_only_reason(error: Exception) -> str:
+    """The useful part of torch's long weights_only error text."""
+    text = " ".join(str(error).split())
+    reason = text.partition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0]
+    reason = reason.partition(" Please use")[0].strip()  # drop torch's advice to allow-list the class
+    return (reason or text)[:300]
+
+
 def _read(path: Path, map_location) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        if "weights only" in str(error).lower():
+        reason = _weights_only_reason(error)
+        if "Unsupported global" in reason:
             raise CheckpointError(
                 f"{path}: holds Python objects that need code to unpickle; only plain tensors and containers "
-                f"are accepted (torch.load weights_only=True): {first_line}"
+                f"are accepted (torch.load weights_only=True): {reason}"
             ) from error
-        raise CheckpointError(f"{path}: not a PyTorch weights file, or corrupt: {first_line}") from error
+        raise CheckpointError(f"{path}: not a PyTorch weights file, or corrupt: {reason}") from error
     except Exception as error:  # torch.load signals truncated/corrupt files with many exception types
         raise CheckpointError(
-            f"{path}: cannot be read ({type(error).__name__}: {str(error)[:300]}); the file is truncated, "
+            f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]}); the file is truncated, "
             f"corrupt or not a PyTorch checkpoint"
         ) from error
 
