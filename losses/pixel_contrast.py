@@ -1,8 +1,9 @@
 """MPC's stage-1 loss: mean-positive pixel InfoNCE within an image, across scales and across views (MPC_SPEC §3).
 
 Exact to the official formulation, but the mean similarity of an anchor to the other anchors is taken from the
-anchors' sum instead of an n×n similarity matrix, and undefined terms (no negatives, too few anchors) contribute
-0 instead of NaN. Similarities are always computed in float32 (or float64 for float64 input), even under autocast.
+anchors' sum instead of an n×n similarity matrix, the anchor–negative matrix is touched by as few passes as
+possible, and undefined terms (no negatives, too few anchors) contribute 0 instead of NaN. Similarities are
+always computed in float32 (or float64 for float64 input), even under autocast.
 """
 from typing import Dict, Optional, Sequence
 
@@ -13,30 +14,50 @@ from losses.sampling import (COARSE_VIEW1, CONTRAST_PAIRS, FINE_VIEW1, FINE_VIEW
                              sample_indices)
 
 POSITIVE_MODES = ("own", "other")
+# Logits are shifted by their bound 1/τ before exp (see below); the smallest shifted logit is −2/τ, which must
+# stay well inside float32's normal range (exp(−66.7) ≈ 1e-29 at τ = 0.03).
+MIN_TEMPERATURE = 0.03
 
 
 def mean_positive_info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.1,
                            positive_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ℓ(A, N) of FOCAL/MPC for unit-norm rows: mean over anchors a_i of −log softmax at the positive logit p_i.
+    """ℓ(A, N) of FOCAL/MPC on n×C anchors and m×C negatives: the mean over anchors a_i of
+    log(exp(p_i/τ) + Σ_k exp(⟨a_i, n_k⟩/τ)) − p_i/τ, i.e. −log softmax at the positive logit.
 
-    p_i is the mean of ⟨a_i, a_j⟩ over the other anchors j ≠ i (official), or over all rows of `positive_keys`
-    when given. The loss of an anchor is log(exp(p_i/τ) + Σ_k exp(⟨a_i, n_k⟩/τ)) − p_i/τ, computed stably as
-    softplus(logsumexp_k(⟨a_i, n_k⟩/τ) − p_i/τ). Undefined cases (no negatives; no anchors; no positives to
-    average: fewer than 2 anchors, or empty `positive_keys`) give a 0 that stays attached to the graph.
+    Rows are L2-normalised here, in float32 at least and outside autocast. p_i is the mean of ⟨a_i, a_j⟩ over
+    the other anchors j ≠ i (official), or over all rows of `positive_keys` when given. Undefined cases (no
+    negatives; no anchors; no positives to average: fewer than 2 anchors, or empty `positive_keys`) give a 0
+    that stays attached to the graph, so backward() still works.
     """
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        def unit(rows):
+            return None if rows is None else F.normalize(rows.to(dtype), dim=1)
+        return _unit_info_nce(unit(anchors), unit(negatives), temperature, unit(positive_keys))
+
+
+def _unit_info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float,
+                   positive_keys: Optional[torch.Tensor]) -> torch.Tensor:
+    """`mean_positive_info_nce` for rows already unit-norm (or zero), in their compute dtype, outside autocast."""
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"mean_positive_info_nce: temperature must be >= {MIN_TEMPERATURE}, got {temperature}")
     anchor_count = anchors.shape[0]
     positive_count = anchor_count - 1 if positive_keys is None else positive_keys.shape[0]
     if negatives.shape[0] == 0 or anchor_count == 0 or positive_count < 1:
         return anchors.sum() * 0.0
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        scaled = anchors / temperature
-        if positive_keys is None:
-            # Σ_{j≠i} ⟨a_i, a_j⟩ = ⟨a_i, Σ_j a_j⟩ − ⟨a_i, a_i⟩: O(n) instead of an n×n matrix.
-            positive = (scaled @ anchors.sum(0) - (scaled * anchors).sum(1)) / positive_count
-        else:
-            positive = scaled @ positive_keys.mean(0)
-        negative_logsumexp = torch.logsumexp(scaled @ negatives.T, dim=1)
-        return F.softplus(negative_logsumexp - positive).mean()
+    if positive_keys is None:
+        # Σ_{j≠i} ⟨a_i, a_j⟩ = ⟨a_i, Σ_j a_j⟩ − ⟨a_i, a_i⟩: O(n) instead of an n×n matrix.
+        positive = (anchors @ anchors.sum(0) - (anchors * anchors).sum(1)) / positive_count
+    else:
+        positive = anchors @ positive_keys.mean(0)
+    # Unit rows bound every logit by 1/τ. Appending −1 to the anchors and 1 to the negatives makes the matmul
+    # return the shifted logits (⟨a, n⟩ − 1)/τ ≤ 0 directly, so exp cannot overflow and the n×m matrix is
+    # touched only by the matmul, one in-place exp and one sum (no row maximum, no subtraction).
+    shifted_anchors = F.pad(anchors, (0, 1), value=-1.0) / temperature
+    shifted_negatives = F.pad(negatives, (0, 1), value=1.0)
+    negative_sum = (shifted_anchors @ shifted_negatives.T).exp_().sum(1)
+    # −log softmax = log(exp(p/τ) + Σ exp(s/τ)) − p/τ = softplus(log Σ exp((s − 1)/τ) − (p − 1)/τ).
+    return F.softplus(torch.log(negative_sum) - (positive - 1) / temperature).mean()
 
 
 def _check_views(view1: Sequence[torch.Tensor], view2: Sequence[torch.Tensor], mask: torch.Tensor) -> None:
@@ -155,8 +176,7 @@ def multi_view_pixel_contrast(view1: Sequence[torch.Tensor], view2: Sequence[tor
                 partner = None
                 if positives == "other" and pair.partner is not None:
                     partner = anchors[first + pair.partner]
-                pair_losses.append(mean_positive_info_nce(anchors[first + k], negatives[first + k], temperature,
-                                                          partner))
+                pair_losses.append(_unit_info_nce(anchors[first + k], negatives[first + k], temperature, partner))
         per_image = torch.stack(pair_losses).view(indices.batch_size, len(CONTRAST_PAIRS))
 
     result = {}

@@ -154,6 +154,32 @@ def test_matches_naive_reference_values_and_gradients(positives, share_samples):
     assert all(g.abs().sum() > 0 for g in fast_grads)
 
 
+@pytest.mark.parametrize("temperature", [0.03, 0.07, 1.0])
+def test_base_loss_matches_naive_at_other_temperatures(temperature):
+    generator = torch.Generator().manual_seed(5)
+    # Rows of very different norms: the loss normalises them itself.
+    anchors = (torch.randn(40, 8, generator=generator, dtype=torch.float64) * 50).requires_grad_()
+    negatives = (torch.randn(30, 8, generator=generator, dtype=torch.float64) * 0.01).requires_grad_()
+    keys = torch.randn(20, 8, generator=generator, dtype=torch.float64).requires_grad_()
+    for positive_keys in (None, keys):
+        fast = losses.mean_positive_info_nce(anchors, negatives, temperature, positive_keys)
+        naive = naive_info_nce(anchors, negatives, temperature, positive_keys)
+        torch.testing.assert_close(fast, naive, rtol=1e-10, atol=0)
+        inputs = (anchors, negatives) if positive_keys is None else (anchors, negatives, keys)
+        for fast_grad, naive_grad in zip(torch.autograd.grad(fast, inputs), torch.autograd.grad(naive, inputs)):
+            # Round-off grows like 1/τ; 1e-9 of the largest gradient is still far below any real error.
+            torch.testing.assert_close(fast_grad, naive_grad, rtol=1e-7, atol=1e-9 * naive_grad.abs().max().item())
+
+
+def test_float32_is_accurate_at_the_smallest_temperature():
+    # Dissimilar anchors and negatives at τ = 0.03: the shifted logits reach −2/τ, where exp is still normal.
+    generator = torch.Generator().manual_seed(6)
+    anchors = torch.randn(50, 16, generator=generator, dtype=torch.float64)
+    negatives = -anchors[:30] + 0.01 * torch.randn(30, 16, generator=generator, dtype=torch.float64)
+    fast = losses.mean_positive_info_nce(anchors.float(), negatives.float(), 0.03)
+    torch.testing.assert_close(fast.double(), naive_info_nce(anchors, negatives, 0.03), rtol=1e-5, atol=0)
+
+
 def test_float32_matches_naive_float64():
     view1, view2 = random_views()
     mask = random_mask()
@@ -355,6 +381,7 @@ def test_bad_input_is_named():
         (dict(positives="figure"), "positives must be one of"),
         (dict(weights={"intra": 1.0}), "unknown term weights"),
         (dict(max_samples=0), "max_samples must be >= 1"),
+        (dict(temperature=0.01), "temperature must be >= 0.03"),
     ]
     for overrides, message in cases:
         arguments = {"view1": view1, "view2": view2, "mask": mask, **overrides}
