@@ -19,8 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python datasets/synthetic.py`: make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    # Run as `python datasets/synthetic.py`: import from the repo root, not from this folder (its io.py would
+    # shadow the standard library's).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import cv2
 import numpy as np
