@@ -9,6 +9,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from losses.sampling import (COARSE_VIEW1, CONTRAST_PAIRS, FINE_VIEW1, FINE_VIEW2, POOLS, TERMS, PixelSamples,
                              sample_indices)
@@ -50,14 +51,38 @@ def _unit_info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: 
         positive = (anchors @ anchors.sum(0) - (anchors * anchors).sum(1)) / positive_count
     else:
         positive = anchors @ positive_keys.mean(0)
-    # Unit rows bound every logit by 1/τ. Appending −1 to the anchors and 1 to the negatives makes the matmul
-    # return the shifted logits (⟨a, n⟩ − 1)/τ ≤ 0 directly, so exp cannot overflow and the n×m matrix is
-    # touched only by the matmul, one in-place exp and one sum (no row maximum, no subtraction).
-    shifted_anchors = F.pad(anchors, (0, 1), value=-1.0) / temperature
-    shifted_negatives = F.pad(negatives, (0, 1), value=1.0)
-    negative_sum = (shifted_anchors @ shifted_negatives.T).exp_().sum(1)
+    negative_sum = _ShiftedExpSum.apply(anchors, negatives, temperature)
     # −log softmax = log(exp(p/τ) + Σ exp(s/τ)) − p/τ = softplus(log Σ exp((s − 1)/τ) − (p − 1)/τ).
     return F.softplus(torch.log(negative_sum) - (positive - 1) / temperature).mean()
+
+
+class _ShiftedExpSum(torch.autograd.Function):
+    """Σ_k exp((⟨a_i, n_k⟩ − 1)/τ) for every anchor row a_i, for unit-norm rows.
+
+    Unit rows bound every logit by 1/τ, so shifting by it keeps exp from overflowing without a row maximum.
+    Appending −1/τ to the scaled anchors and 1 to the negatives makes the matmul return the shifted logits
+    directly. The n×m matrix is then written once (matmul), exponentiated in place, summed, and in backward
+    turned into the gradient in place: no other pass or copy of it is made. (A second backward through the
+    same graph is refused by autograd's version check on the saved matrix.)
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, negatives, temperature):
+        shifted_anchors = F.pad(anchors / temperature, (0, 1), value=-1.0 / temperature)
+        exponentials = (shifted_anchors @ F.pad(negatives, (0, 1), value=1.0).T).exp_()
+        ctx.save_for_backward(anchors, negatives, exponentials)
+        ctx.temperature = temperature
+        return exponentials.sum(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums):
+        anchors, negatives, exponentials = ctx.saved_tensors
+        # ∂s_i/∂⟨a_i, n_k⟩ = exp_ik / τ.
+        weights = exponentials.mul_(grad_sums.unsqueeze(1) / ctx.temperature)
+        grad_anchors = weights @ negatives if ctx.needs_input_grad[0] else None
+        grad_negatives = weights.T @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_negatives, None
 
 
 def _check_views(view1: Sequence[torch.Tensor], view2: Sequence[torch.Tensor], mask: torch.Tensor) -> None:

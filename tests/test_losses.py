@@ -180,6 +180,15 @@ def test_float32_is_accurate_at_the_smallest_temperature():
     torch.testing.assert_close(fast.double(), naive_info_nce(anchors, negatives, 0.03), rtol=1e-5, atol=0)
 
 
+def test_second_backward_through_the_same_graph_is_refused():
+    # The anchor–negative matrix is turned into its gradient in place; autograd's version check must catch reuse.
+    view1, view2 = random_views(batch=1, dtype=torch.float32)
+    result = losses.multi_view_pixel_contrast(view1, view2, random_mask(batch=1), max_samples=50)
+    result["total"].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        result["total"].backward()
+
+
 def test_float32_matches_naive_float64():
     view1, view2 = random_views()
     mask = random_mask()
