@@ -271,7 +271,7 @@ class HighResolutionModule(nn.Module):
             total = None
             for source, path in enumerate(paths):
                 y = path(x[source])
-                if source > target:  # nearest x2^k may overshoot odd sizes; the official code then resizes exactly
+                if y.shape[-2:] != size:  # nearest x2^k overshoots odd sizes; the official code resizes exactly
                     y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
                 total = y if total is None else total + y
             fused.append(self.relu(total))

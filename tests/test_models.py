@@ -253,3 +253,13 @@ def test_published_hrformer_configs(name, widths, heads, modules):
     assert [s.widths for s in stages] == [widths[:2], widths[:3], widths]
     assert [s.heads for s in stages] == [heads[:2], heads[:3], heads]
     assert [s.num_modules for s in stages] == list(modules)
+
+
+def test_odd_input_sizes_follow_the_stride_two_chain():
+    """Sizes that are not multiples of 32 (or of the window) still give aligned maps at ceil(n / stride)."""
+    model = models.build_stage2_model("hrt_nano").eval()
+    with torch.no_grad():
+        maps = model.encoder(torch.rand(1, 3, 100, 130))
+        logits = model(torch.rand(1, 3, 100, 130))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(25, 33), (13, 17), (7, 9), (4, 5)]
+    assert logits.shape == (1, 1, 25, 33)
