@@ -41,8 +41,7 @@ SCORES_FILE = "scores.csv"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True, metavar="PATH",
                         help="an image file, a folder of images or a quoted glob; repeat for more")
     parser.add_argument("--weights", required=True,
@@ -51,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default=None, help="official weights only (default hrt_base)")
     parser.add_argument("--head", default=None, choices=("catnet", "casiav2"),
                         help="official weights only; default: recognised from the file's layer widths")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--input-size", type=int, default=512, help="squash-resize size (the protocol's 512)")
+    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
+    parser.add_argument("--input-size", type=int, default=512, help="squash-resize size (default: the protocol's 512)")
     parser.add_argument("--save-prob", action="store_true", help="also write <name>_prob.npy")
     parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist")
     parser.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
-    parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading the images")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image (default 0.5)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading the images (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return parser
 

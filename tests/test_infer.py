@@ -172,3 +172,16 @@ def test_stage1_checkpoint_is_refused_with_a_clear_error(weights, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(CheckpointError, match="no localization head"):
         infer.main(["--input", str(tmp_path / "a.png"), "--weights", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_a_released_file_that_fails_its_checksum_is_refused(weights, tmp_path):
+    """The registry knows the official CATNet file's size and sha256: a file under that name that differs is an
+    incomplete or wrong download, refused before anything is built."""
+    from models import CheckpointError
+
+    _, model = weights["ours"]
+    path = tmp_path / "MPC_CATNet_stage2_weights.pth"
+    torch.save(model.state_dict(), path)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(CheckpointError, match="registered as.*182,674,234 bytes"):
+        infer.main(["--input", str(tmp_path / "a.png"), "--weights", str(path), "--out", str(tmp_path / "out")])

@@ -245,7 +245,7 @@ def load_trained_model(path: str, backbone: str | None = None, head: str | None 
 
 
 def probability_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images B×3×S×S in [0, 1] -> B×S/4×S/4 probabilities: the single-logit head's sigmoid, as the official test."""
+    """Images B×3×S×S in [0, 1] -> B×S/4×S/4 probabilities: the one-logit head's sigmoid, as the official test."""
     def predict(images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(model(images))[:, 0]
     return predict
@@ -260,7 +260,7 @@ def environment() -> dict:
     """Versions and machine, for the settings saved beside results."""
     import sklearn  # slow to import; only needed here
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+    info = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "opencv": cv2.__version__, "scikit-learn": sklearn.__version__, "machine": platform.node(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
