@@ -94,7 +94,8 @@ def sample_indices(mask: torch.Tensor, scale_sizes: Sequence[Tuple[int, int]], m
 
     mask: B×H×W scale-1 labels (0 = authentic, 1 = forged); scale_sizes: the (h, w) of the four scales.
     With ``share_samples=False`` (official) every pair draws its own samples; with True each (pool, label) set
-    is drawn once per image and reused by every pair that needs it. Sampling runs on the CPU (with `generator`
+    is drawn once per image and reused by every pair that needs it (A¹₁ and A²₁ are different sets: same
+    candidate positions, independent draws). Sampling runs on the CPU (with `generator`
     if given, a CPU generator) so that the same seed gives the same samples on every device.
     """
     if max_samples < 1:

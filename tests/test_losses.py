@@ -366,7 +366,7 @@ def test_float32_input_under_bfloat16_autocast_is_unchanged():
 def test_low_precision_input_is_finite_and_computed_in_float32(dtype):
     view1, view2 = random_views(dtype=dtype)
     mask = random_mask()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         result = losses.multi_view_pixel_contrast(view1, view2, mask, max_samples=50, return_indices=True)
     result["total"].backward()
     assert result["total"].dtype == torch.float32 and torch.isfinite(result["total"])
