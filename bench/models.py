@@ -17,7 +17,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from fvcore.nn import FlopCountAnalysis
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # fvcore uses the deprecated torch.jit API
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -53,7 +55,6 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # fvcore traces with the deprecated torch.jit
     torch.set_num_threads(args.threads)
     print(
         f"machine: {platform.node()} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
