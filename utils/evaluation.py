@@ -177,8 +177,9 @@ def head_from_state_dict(state, source: str) -> str:
     state_dict: the CATNet and CASIAv2 releases differ by one 128->64 layer."""
     convs = {}
     for key, value in state.items():
-        parts = key.removeprefix("module.").split(".")
-        if parts[:2] == ["decoder", "classifier"] and parts[-1] == "weight" and value.ndim == 4:
+        parts = str(key).removeprefix("module.").split(".")
+        if (len(parts) == 4 and parts[:2] == ["decoder", "classifier"] and parts[2].isdigit() and parts[3] == "weight"
+                and isinstance(value, torch.Tensor) and value.ndim == 4):
             convs[int(parts[2])] = tuple(value.shape)
     if not convs:
         raise CheckpointError(f"{source}: holds no localization head (no 'decoder.classifier.*' weights); a stage-1 "
