@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head", default=None, choices=("catnet", "casiav2"),
                         help="official weights only; default: recognised from the file's layer widths")
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
-    parser.add_argument("--input-size", type=int, default=512, help="squash-resize size (default: the protocol's 512)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="squash-resize size (default: the size our checkpoint was trained at; 512, the "
+                             "protocol's, for official weights)")
     parser.add_argument("--save-prob", action="store_true", help="also write <name>_prob.npy")
     parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist")
     parser.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
@@ -158,6 +160,7 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
+    args.input_size = trained.input_size(args.input_size)
     out.mkdir(parents=True, exist_ok=True)
     scores, failures = {}, []
     if todo:

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="results folder (refused if it already holds files)")
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default TEST.NUM_WORKERS)")
-    parser.add_argument("--input-size", type=int, default=512, help="squash-resize size (default: the protocol's 512)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="squash-resize size (default: the size our checkpoint was trained at; 512, the "
+                             "protocol's, for official weights)")
     parser.add_argument("--save-masks", action="store_true",
                         help="write the binary masks (0/255 PNG, original size) to OUT/<list>/masks/")
     parser.add_argument("--save-prob", action="store_true",
@@ -219,6 +221,7 @@ def main(argv=None) -> dict:
     perturbations = perturbations_from(args)
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
+    args.input_size = trained.input_size(args.input_size)
     lists = resolve_lists(args, trained)
     datasets_rows = {name: read_flist(path) for name, path in lists.items()}
     num_workers = args.num_workers if args.num_workers is not None else settings_config(args, trained).TEST.NUM_WORKERS

@@ -252,3 +252,14 @@ def test_real_samples_score_as_the_official_code_reads_them(weights, tmp_path):
         pred = prob.astype(np.float64) * 255 > 127
         assert float(row["f1_fixed"]) == pytest.approx(f1_score(gt.ravel(), pred.ravel()), abs=1e-9)
         assert float(row["iou"]) == pytest.approx(official_iou(pred, gt), abs=1e-9)
+
+
+def test_input_size_defaults_to_the_training_size_then_the_protocol():
+    from utils.config import load_config
+    from utils.evaluation import TrainedModel
+    ours = TrainedModel(model=None, weights="w.pth", source_format="mpc-reimpl", backbone="hrt_nano", head="catnet",
+                        config=load_config(None, ["DATA.INPUT_SIZE", "96"]))
+    official = TrainedModel(model=None, weights="w.pth", source_format="official state_dict", backbone="hrt_base",
+                            head="catnet")
+    assert ours.input_size() == 96 and ours.input_size(64) == 64
+    assert official.input_size() == 512 and official.input_size(256) == 256

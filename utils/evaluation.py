@@ -30,6 +30,8 @@ from utils.checkpoint import atomic_write_bytes, atomic_write_text
 from utils.config import get_default_config
 from utils.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
 
+PROTOCOL_INPUT_SIZE = 512  # MPC squash-resizes every test image to 512×512
+
 # Columns of the per-image rows, in CSV order; pixel metrics are empty for authentic images.
 PER_IMAGE_COLUMNS = ("name", "path", "tampered", "score", "height", "width", "forged_fraction",
                      "predicted_fraction", "f1_fixed", "iou", "f1_best", "f1_permuted", "auc")
@@ -154,6 +156,13 @@ class TrainedModel:
     config: object = None  # the training config (CfgNode) stored in our checkpoints
     load_report: object = None
     notes: list[str] = field(default_factory=list)
+
+    def input_size(self, asked: int | None = None) -> int:
+        """The squash-resize size: what was asked, else the size our checkpoint was trained at, else the
+        protocol's 512 (official weights)."""
+        if asked:
+            return asked
+        return int(self.config.DATA.INPUT_SIZE) if self.config is not None else PROTOCOL_INPUT_SIZE
 
 
 def _read_weights(path: str):
