@@ -48,7 +48,8 @@ def loss_terms(cfg):
 
     def train_step(module, batch):
         view1, view2 = module(batch["image"])
-        return multi_view_pixel_contrast(view1, view2, batch["mask"], max_samples=cfg.LOSS.MAX_SAMPLES,
+        mask = batch["mask"].flatten(0, -3) if batch["mask"].dim() == 4 else batch["mask"]  # B×1×h×w -> B×h×w
+        return multi_view_pixel_contrast(view1, view2, mask, max_samples=cfg.LOSS.MAX_SAMPLES,
                                          temperature=cfg.LOSS.TEMPERATURE, weights=weights,
                                          positives=cfg.LOSS.POSITIVES, share_samples=cfg.LOSS.SHARE_SAMPLES)
     return train_step

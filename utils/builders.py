@@ -37,7 +37,7 @@ def build_datasets(cfg, logger):
                 ", ".join(f"{p if isinstance(p, str) else 'rows'} ×{r}" for p, r in entries))
     size = cfg.DATA.INPUT_SIZE
     train_set = ForgeryDataset(rows, mode="train", input_size=size, gt_ratio=cfg.DATA.GT_RATIO,
-                               augment=cfg.DATA.AUGMENT, skip_bad=cfg.DATA.SKIP_BAD)
+                               augment=cfg.DATA.AUGMENT, skip_bad=cfg.DATA.SKIP_BAD, seed=cfg.RUNTIME.SEED)
     val_datasets = {name: ForgeryDataset(np.asarray(r), mode="val", input_size=size) for name, r in val_sets.items()}
     return train_set, val_datasets, collate_skip_bad
 
