@@ -1,51 +1,359 @@
-"""File lists in the official format: a NumPy `.npy` of shape (N, 2) holding (image path, mask path) strings,
-an empty mask path meaning an authentic image, named `<name>_<N>.npy`. Lists made by the authors' script load
-unchanged; nothing is ever unpickled."""
+"""File lists: the official `.npy` (N, 2) format, written atomically and checked row by row.
+
+A file list is a NumPy unicode array of shape (N, 2): (image path, mask path), one row per sample; an empty mask
+path means an authentic image (an all-zero mask). Lists are saved as `<name>_<N>.npy`, as the official scripts do.
+
+Relative paths in a list are relative to the current working directory, exactly as the official code opens them,
+so official lists load unchanged; `resolve_rows` makes them absolute against any folder you choose.
+
+Masks in a list always mean "> 127 = forged" (the official reader). Masks that need a conversion first (inverted
+masks, Columbia's colour edge masks) are described by a mask kind; `mask_values` applies it and
+`write_binary_mask` stores the result as a 0/255 PNG that the list can point at.
+"""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from datasets.io import MASK_THRESHOLD, ImageReadError, image_size, read_image
+
+MASK_KINDS = ("binary", "inverted", "columbia_edge")
+CHECK_IMAGE_MODES = ("header", "full")
+
+# A mask pixel is "ambiguous" when it is neither near black nor near white. JPEG-stored masks (Columbia) carry
+# ringing along region borders (< 0.25 % of pixels in the shared samples) and CASIA v2 has a few stray values
+# (11 pixels in one mask); a genuinely soft or grey mask has far more. So a mask is reported as not binary when
+# more than 1 % of its pixels are ambiguous.
+AMBIGUOUS_LOW, AMBIGUOUS_HIGH = 10, 245
+AMBIGUOUS_FRACTION = 0.01
+# Forged regions are smaller than the image in every standard set (the largest in the shared samples is 49 %);
+# a mask that is mostly "forged" most likely has the opposite polarity.
+MOSTLY_FORGED_FRACTION = 0.5
+# Columbia edge masks: the spliced region is the green one (G > 120, the rule CAT-Net's authors published; we also
+# require green to dominate red, so that a white or yellow "other" pixel is not counted); red is the authentic part.
+COLUMBIA_GREEN_THRESHOLD = 120
+
+ERROR, WARNING = "error", "warning"
 
 
 class FileListError(ValueError):
-    """A file list that cannot be used; the message names the file and the problem."""
+    """A file list that cannot be read or written; the message names the file."""
 
+
+# ---------------------------------------------------------------------------------------------------- the format
 
 def read_flist(path) -> np.ndarray:
-    """The (N, 2) array of str rows of a `.npy` file list."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileListError(f"file list '{path}' does not exist (make one with generate_flist.py)")
+    """Load a file list as an (N, 2) array of str (image path, mask path; '' = authentic)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileListError(f"file list '{path}': no such file")
+    if path.suffix != ".npy":
+        raise FileListError(f"file list '{path}': not a .npy file (file lists are NumPy .npy arrays of shape (N, 2))")
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise FileListError(f"file list '{path}': not a readable .npy file (no NumPy header)")
     try:
         rows = np.load(path, allow_pickle=False)
     except ValueError as error:
-        raise FileListError(f"'{path}' holds Python objects, not a file list of strings ({error})") from None
-    except Exception as error:
-        raise FileListError(f"'{path}' is not a readable .npy file list ({error})") from None
-    if rows.ndim != 2 or rows.shape[1] != 2 or rows.dtype.kind not in "US":
-        raise FileListError(f"'{path}' is not a file list: expected an (N, 2) array of path strings, "
-                            f"found shape {rows.shape} of dtype {rows.dtype}")
-    if len(rows) == 0:
-        raise FileListError(f"'{path}' is an empty file list")
-    return rows.astype(str)
+        # np.load refuses pickled (object) arrays when allow_pickle=False; never unpickle a list.
+        raise FileListError(f"file list '{path}': not a plain string array ({error})") from None
+    except (OSError, EOFError) as error:
+        raise FileListError(f"file list '{path}': not a readable .npy file ({error})") from None
+    if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "US":
+        raise FileListError(f"file list '{path}': expected an array of path strings, found dtype {rows.dtype}")
+    if rows.ndim != 2 or rows.shape[1] != 2:
+        raise FileListError(f"file list '{path}': expected shape (N, 2) (image, mask), found {rows.shape}")
+    if rows.shape[0] == 0:
+        raise FileListError(f"file list '{path}': the list is empty")
+    rows = rows.astype(str)
+    if np.any(rows[:, 0] == ""):
+        first = int(np.flatnonzero(rows[:, 0] == "")[0])
+        raise FileListError(f"file list '{path}': row {first} has an empty image path")
+    return rows
 
 
-def write_flist(rows, out_dir, name: str) -> str:
-    """Write `rows` as `<out_dir>/<name>_<N>.npy` atomically; returns the path."""
-    array = np.asarray([(str(image), str(mask)) for image, mask in rows], dtype=str).reshape(-1, 2)
-    if len(array) == 0:
-        raise FileListError(f"refusing to write an empty file list '{name}'")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(os.fspath(out_dir), f"{name}_{len(array)}.npy")
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npy.tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def as_rows(rows) -> np.ndarray:
+    """(N, 2) unicode array from any sequence of (image, mask) pairs."""
+    array = np.asarray([(str(image), str(mask)) for image, mask in rows], dtype=str)
+    return array.reshape(-1, 2)
+
+
+def write_flist(rows, out_dir, name: str) -> Path:
+    """Save rows as `<out_dir>/<name>_<N>.npy` atomically (temp file + rename), creating `out_dir`."""
+    array = as_rows(rows)
+    if array.shape[0] == 0:
+        raise FileListError(f"file list '{name}': refusing to write an empty list")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{array.shape[0]}.npy"
+    with _atomic_target(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
     return path
+
+
+def resolve_rows(rows, base_dir) -> np.ndarray:
+    """Rows with relative paths joined onto `base_dir`; absolute paths and empty mask paths are kept."""
+    base = Path(base_dir)
+
+    def resolve(value: str) -> str:
+        if value == "" or os.path.isabs(value):
+            return value
+        return str(base / value)
+
+    return as_rows((resolve(image), resolve(mask)) for image, mask in as_rows(rows))
+
+
+def relative_rows(rows, base_dir) -> np.ndarray:
+    """Rows with every path written relative to `base_dir` (empty mask paths are kept)."""
+    base = os.path.abspath(base_dir)
+
+    def relative(value: str) -> str:
+        return value if value == "" else os.path.relpath(os.path.abspath(value), base)
+
+    return as_rows((relative(image), relative(mask)) for image, mask in as_rows(rows))
+
+
+@contextmanager
+def _atomic_target(path: Path):
+    """Yield a temporary path beside `path`; it replaces `path` only when the block succeeds."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_target(path) as temporary:
+        Path(temporary).write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- the masks
+
+def mask_values(path, kind: str = "binary") -> np.ndarray:
+    """A mask as uint8 H×W in list polarity (> 127 = forged), before thresholding.
+
+    `binary`: the official reading (first channel of OpenCV's BGR order, i.e. blue; grey for grey masks).
+    `inverted`: the same with 0 = forged (NIST16). `columbia_edge`: Columbia's colour edge map, where the spliced
+    region is green (G > 120 and G > R); returned as 0/255.
+    """
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind '{kind}', expected one of {MASK_KINDS}")
+    rgb = read_image(path)
+    if kind == "columbia_edge":
+        red, green = rgb[:, :, 0], rgb[:, :, 1]
+        return np.where((green > COLUMBIA_GREEN_THRESHOLD) & (green > red), 255, 0).astype(np.uint8)
+    blue = rgb[:, :, 2]
+    return 255 - blue if kind == "inverted" else blue
+
+
+def write_binary_mask(values: np.ndarray, path) -> Path:
+    """Save `values > 127` as a 0/255 8-bit PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    binary = np.where(values > MASK_THRESHOLD, 255, 0).astype(np.uint8)
+    with _atomic_target(path) as temporary:
+        Image.fromarray(binary, mode="L").save(temporary, format="PNG")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ checking
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a row (or, with row None, with the pairing of two folders)."""
+
+    severity: str
+    kind: str
+    path: str
+    detail: str = ""
+    row: int | None = None
+
+
+@dataclass
+class CheckReport:
+    """The rows checked and every problem found; a row with an error is bad."""
+
+    rows: np.ndarray
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [problem for problem in self.problems if problem.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [problem for problem in self.problems if problem.severity == WARNING]
+
+    @property
+    def bad_rows(self) -> set[int]:
+        return {problem.row for problem in self.errors if problem.row is not None}
+
+    def good_rows(self) -> np.ndarray:
+        """The rows without errors, in their original order."""
+        keep = [index for index in range(len(self.rows)) if index not in self.bad_rows]
+        return self.rows[keep].reshape(-1, 2)
+
+    def summary(self, first: int = 3) -> str:
+        """Counts, then errors and warnings by kind with the first few files named."""
+        authentic = int(np.sum(self.rows[:, 1] == "")) if len(self.rows) else 0
+        lines = [
+            f"rows: {len(self.rows)} ({len(self.rows) - authentic} tampered, {authentic} authentic), "
+            f"bad rows: {len(self.bad_rows)}, errors: {len(self.errors)}, warnings: {len(self.warnings)}"
+        ]
+        for severity, problems in (("error", self.errors), ("warning", self.warnings)):
+            by_kind: dict[str, list[Problem]] = {}
+            for problem in problems:
+                by_kind.setdefault(problem.kind, []).append(problem)
+            for kind, group in by_kind.items():
+                lines.append(f"  {severity}: {kind}: {len(group)}")
+                lines.extend(f"    {_describe(problem)}" for problem in group[:first])
+                if len(group) > first:
+                    lines.append(f"    ... and {len(group) - first} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        counts = Counter(f"{problem.severity}: {problem.kind}" for problem in self.problems)
+        return json.dumps(
+            {"rows": len(self.rows), "bad_rows": len(self.bad_rows), "counts": dict(counts),
+             "problems": [asdict(problem) for problem in self.problems]},
+            indent=1,
+        )
+
+
+def _describe(problem: Problem) -> str:
+    where = f"row {problem.row}: " if problem.row is not None else ""
+    return f"{where}{problem.path}" + (f" ({problem.detail})" if problem.detail else "")
+
+
+def check_rows(
+    rows,
+    mask_kinds: Sequence[str] | None = None,
+    check_images: str = "header",
+    progress: bool = False,
+) -> CheckReport:
+    """Check every row of a list and return a report.
+
+    Errors (the row is bad): image or mask missing or unreadable (corrupt, truncated), image/mask size mismatch,
+    an empty mask (no forged pixel) on a tampered row, an all-forged mask. Warnings: a mask that is not binary
+    (more than 1 % of its pixels outside [0, 10] ∪ [245, 255]; JPEG ringing and a few stray values stay under
+    that), a mask that is mostly forged (> 50 %, probably inverted).
+
+    Masks are decoded fully (their values are needed). Images: `check_images="header"` reads the size from the
+    header and checks that the file is complete cheaply (JPEG ends with FFD9, PNG with its IEND chunk, TIFF
+    strips/tiles end inside the file), decoding fully only when that cheap test fails or does not apply;
+    `"full"` decodes every image.
+    """
+    if check_images not in CHECK_IMAGE_MODES:
+        raise ValueError(f"check_images must be one of {CHECK_IMAGE_MODES}, got '{check_images}'")
+    rows = as_rows(rows)
+    kinds = list(mask_kinds) if mask_kinds is not None else ["binary"] * len(rows)
+    if len(kinds) != len(rows):
+        raise ValueError(f"{len(kinds)} mask kinds given for {len(rows)} rows")
+    report = CheckReport(rows=rows)
+    for index in tqdm(range(len(rows)), desc="checking", unit="row", disable=not progress):
+        image, mask = rows[index]
+        report.problems.extend(_check_row(index, image, mask, kinds[index], check_images))
+    return report
+
+
+def _check_row(index: int, image: str, mask: str, kind: str, check_images: str) -> list[Problem]:
+    problems = []
+    image_shape = _check_image(image, check_images, index, problems)
+    if mask == "":
+        return problems
+    if not os.path.exists(mask):
+        return problems + [Problem(ERROR, "mask missing", mask, "no such file", index)]
+    try:
+        values = mask_values(mask, kind)
+    except ImageReadError as error:
+        return problems + [Problem(ERROR, "mask unreadable", mask, error.problem, index)]
+    if image_shape is not None and values.shape != image_shape:
+        problems.append(Problem(ERROR, "size mismatch", mask,
+                                f"mask {values.shape[0]}x{values.shape[1]}, "
+                                f"image {image_shape[0]}x{image_shape[1]}", index))
+    problems.extend(_mask_value_problems(index, mask, values))
+    return problems
+
+
+def _mask_value_problems(index: int, mask: str, values: np.ndarray) -> list[Problem]:
+    forged = values > MASK_THRESHOLD
+    forged_fraction = float(forged.mean())
+    if not forged.any():
+        return [Problem(ERROR, "mask empty", mask, "no forged pixel on a tampered row", index)]
+    if forged.all():
+        return [Problem(ERROR, "mask all forged", mask, "every pixel is forged", index)]
+    problems = []
+    ambiguous = int(np.count_nonzero((values > AMBIGUOUS_LOW) & (values < AMBIGUOUS_HIGH)))
+    if ambiguous > AMBIGUOUS_FRACTION * values.size:
+        problems.append(Problem(WARNING, "mask not binary", mask,
+                                f"{ambiguous} pixels ({100 * ambiguous / values.size:.1f} %) are neither "
+                                f"near 0 nor near 255", index))
+    if forged_fraction > MOSTLY_FORGED_FRACTION:
+        problems.append(Problem(WARNING, "mask mostly forged", mask,
+                                f"{100 * forged_fraction:.1f} % forged: the polarity may be inverted", index))
+    return problems
+
+
+def _check_image(image: str, check_images: str, index: int, problems: list) -> tuple[int, int] | None:
+    """Append the image's problems; return its (H, W) when it is usable."""
+    if not os.path.exists(image):
+        problems.append(Problem(ERROR, "image missing", image, "no such file", index))
+        return None
+    try:
+        if check_images == "header":
+            shape = image_size(image)
+            if _looks_complete(image):
+                return shape
+        return read_image(image).shape[:2]
+    except ImageReadError as error:
+        problems.append(Problem(ERROR, "image unreadable", image, error.problem, index))
+        return None
+
+
+_PNG_END = b"IEND\xaeB`\x82"
+_TIFF_OFFSETS, _TIFF_COUNTS = (273, 324), (279, 325)  # strip / tile offsets and byte counts
+
+
+def _looks_complete(path: str) -> bool:
+    """Cheap test that a file was not cut short; False means "decode it to be sure", not "broken"."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(0, size - 64))
+        tail = handle.read().rstrip(b"\x00")
+    if head[:2] == b"\xff\xd8":
+        return tail.endswith(b"\xff\xd9")
+    if head == b"\x89PNG":
+        return tail.endswith(_PNG_END)
+    if head in (b"II*\x00", b"MM\x00*"):
+        return _tiff_data_inside(path, size)
+    return False
+
+
+def _tiff_data_inside(path: str, size: int) -> bool:
+    with Image.open(path) as image:
+        tags = image.tag_v2
+        offsets = next((tags[key] for key in _TIFF_OFFSETS if key in tags), None)
+        counts = next((tags[key] for key in _TIFF_COUNTS if key in tags), None)
+    if not offsets or not counts or len(offsets) != len(counts):
+        return False
+    return max(offset + count for offset, count in zip(offsets, counts)) <= size
