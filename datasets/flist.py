@@ -12,12 +12,10 @@ masks, Columbia's colour edge masks) are described by a mask kind; `mask_values`
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -229,14 +227,6 @@ class CheckReport:
                 if len(group) > first:
                     lines.append(f"    ... and {len(group) - first} more")
         return "\n".join(lines)
-
-    def to_json(self) -> str:
-        counts = Counter(f"{problem.severity}: {problem.kind}" for problem in self.problems)
-        return json.dumps(
-            {"rows": len(self.rows), "bad_rows": len(self.bad_rows), "counts": dict(counts),
-             "problems": [asdict(problem) for problem in self.problems]},
-            indent=1,
-        )
 
 
 def _describe(problem: Problem) -> str:
