@@ -13,8 +13,6 @@ masks, Columbia's colour edge masks) are described by a mask kind; `mask_values`
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.io import MASK_THRESHOLD, ImageReadError, image_size, read_image
+from utils.files import atomic_output, atomic_write_text
 
 MASK_KINDS = ("binary", "inverted", "columbia_edge")
 CHECK_IMAGE_MODES = ("header", "full")
@@ -94,9 +93,8 @@ def write_flist(rows, out_dir, name: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}_{array.shape[0]}.npy"
-    with _atomic_target(path) as temporary:
-        with open(temporary, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+    with atomic_output(path) as stream:
+        np.save(stream, array, allow_pickle=False)
     return path
 
 
@@ -122,26 +120,9 @@ def relative_rows(rows, base_dir) -> np.ndarray:
     return as_rows((relative(image), relative(mask)) for image, mask in as_rows(rows))
 
 
-@contextmanager
-def _atomic_target(path: Path):
-    """Yield a temporary path beside `path`; it replaces `path` only when the block succeeds."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def write_text(path, text: str) -> Path:
     """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(path) as temporary:
-        Path(temporary).write_text(text, encoding="utf-8")
-    return path
+    return atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------- the masks
@@ -168,8 +149,8 @@ def write_binary_mask(values: np.ndarray, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = np.where(values > MASK_THRESHOLD, 255, 0).astype(np.uint8)
-    with _atomic_target(path) as temporary:
-        Image.fromarray(binary, mode="L").save(temporary, format="PNG")
+    with atomic_output(path) as stream:
+        Image.fromarray(binary, mode="L").save(stream, format="PNG")
     return path
 
 

@@ -13,10 +13,7 @@ Images are written as lossless PNG (the traces survive), masks as 0/255 PNG, and
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,8 +24,10 @@ if __package__ in (None, ""):
 import cv2
 import numpy as np
 
+from datasets.flist import write_flist
 from datasets.io import ImageReadError, read_image
 from datasets.perturb import jpeg
+from utils.files import atomic_write_bytes
 
 KINDS = ("splice", "copymove", "removal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -212,32 +211,12 @@ def make_sample(kind: str, size: int, rng: np.random.Generator, sources: list[Pa
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def _write_png(path: Path, array: np.ndarray) -> None:
     pixels = array[:, :, ::-1] if array.ndim == 3 else array  # OpenCV writes BGR
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels))
     if not ok:
         raise RuntimeError(f"OpenCV could not PNG-encode '{path}'")
-    _write_atomic(path, encoded.tobytes())
-
-
-def _write_list(rows: list[tuple[str, str]], out_dir: Path, name: str) -> Path:
-    """`<out_dir>/<name>_<N>.npy`: an (N, 2) unicode array, written atomically."""
-    path = out_dir / f"{name}_{len(rows)}.npy"
-    buffer = io.BytesIO()
-    np.save(buffer, np.array(rows, dtype=str).reshape(len(rows), 2))
-    _write_atomic(path, buffer.getvalue())
-    return path
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def list_sources(folder) -> list[Path]:
@@ -287,7 +266,7 @@ def make_synthetic_set(out_dir, num: int, size: int = 256, seed: int = 0, source
             mask_path = out_dir / "masks" / f"{i:05d}_{kind}.png"
             _write_png(mask_path, mask.astype(np.uint8) * 255)
         rows.append((str(image_path), str(mask_path)))
-    return _write_list(rows, out_dir, name)
+    return write_flist(rows, out_dir, name)
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ from datasets.flist import read_flist
 from datasets.io import ImageReadError
 from datasets.perturb import ROBUSTNESS_GRID, make_perturbation, parse_perturbations
 from utils.builders import list_name
-from utils.checkpoint import atomic_write_text
+from utils.files import atomic_write_text
 from utils.config import get_default_config, load_config
 from utils.evaluation import (PER_IMAGE_COLUMNS, UniqueNames, environment, evaluate, json_safe,
                               load_trained_model, probability_predictor, sha256_of, write_csv, write_mask,

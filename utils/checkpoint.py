@@ -6,43 +6,19 @@ A checkpoint is a plain dict of tensors and Python primitives, so `torch.load(..
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 
+from utils.files import atomic_output
+
 CHECKPOINT_FORMAT = "mpc-reimpl"
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+    with atomic_output(path) as stream:
+        torch.save(obj, stream)
 
 
 def capture_rng_state() -> dict:

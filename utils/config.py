@@ -9,6 +9,8 @@ import os
 
 from fvcore.common.config import CfgNode
 
+from utils.files import atomic_write_text
+
 _C = CfgNode()
 _C.STAGE = 1  # 1 = contrastive pre-training of the backbone, 2 = localization head
 
@@ -106,6 +108,4 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 def save_config(cfg: CfgNode, path: str) -> None:
     """Write the resolved config atomically."""
-    from utils.checkpoint import atomic_write_text
-
     atomic_write_text(path, cfg.dump())

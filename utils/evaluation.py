@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from datasets.io import ImageReadError
 from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, verify_weights
-from utils.checkpoint import atomic_write_bytes, atomic_write_text
+from utils.files import atomic_write_bytes, atomic_write_text
 from utils.config import get_default_config
 from utils.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
 

@@ -1,8 +1,6 @@
 """Pictures of predictions and results: heat-map overlays, image | GT | prediction grids, robustness curves."""
 import math
 import numbers
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -10,6 +8,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from utils.files import atomic_output
 
 GRID_GAP = 2  # white pixels between the tiles of a prediction grid
 
@@ -129,12 +129,6 @@ def plot_robustness(rows, out_png, metrics=None):
         axes.legend(fontsize="small")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=100)
-        os.replace(temporary, out_png)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_output(out_png) as stream:
+        figure.savefig(stream, format="png", dpi=100)
     return out_png

@@ -1,0 +1,36 @@
+"""Writing files so that a crash never leaves half of one: a temporary file beside the target, flushed and fsync'd,
+then renamed over it. Every result, list, mask, plot and checkpoint of the project is written this way."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+@contextmanager
+def atomic_output(path) -> Iterator[BinaryIO]:
+    """A binary file object whose content replaces `path` only when the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    with atomic_output(path) as stream:
+        stream.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
