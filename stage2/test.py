@@ -255,11 +255,12 @@ def main(argv=None) -> dict:
         plot_robustness(plot_rows(robustness), out / "robustness.png")
         report["robustness"] = robustness
     atomic_write_text(str(out / "metrics.json"), json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    print(format_table(summary, ("dataset", "tampered", "authentic", "skipped") + METRIC_COLUMNS))
+    table = format_table(summary, ("dataset", "tampered", "authentic", "skipped") + METRIC_COLUMNS)
     if perturbations:
         shown = [{**row, "level": None if row["level"] is None else f"{row['level']:g}"} for row in robustness]
-        print()
-        print(format_table(shown, ROBUSTNESS_COLUMNS))
+        table += "\n\n" + format_table(shown, ROBUSTNESS_COLUMNS)
+    atomic_write_text(str(out / "table.txt"), table + "\n")
+    print(table)
     print(f"results in {out}")
     return report
 

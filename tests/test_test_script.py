@@ -100,6 +100,8 @@ def test_metrics_equal_the_official_scoring_on_the_saved_maps(weights, tiny_list
     result = report["datasets"]["tiny_6"]
     assert set(METRICS) <= set(result)
     assert (result["n_tampered"], result["n_authentic"], result["skipped"]) == (4, 2, [])
+    table = (out / "table.txt").read_text().splitlines()
+    assert "tiny_6" in table[-1] and f"{result['f1_fixed']:.4f}" in table[-1]
     per_image = read_csv(out / "tiny_6" / "per_image.csv")
     assert [row["path"] for row in per_image] == [image for image, _ in rows]
     names = [row["name"] for row in per_image]
