@@ -9,7 +9,6 @@ the validation score (k-means on the fused normalised features, the smaller clus
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -78,6 +77,7 @@ def kmeans_validation(cfg, val_sets, device):
 def main(argv=None) -> dict:
     args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args, stage=1)
+    checkpoint = resume_path(args)  # before any work: an existing run is never overwritten
     device = resolve_device(cfg.RUNTIME.DEVICE)
     rank, world_size = distributed.init_distributed(device)
     seed_everything(cfg.RUNTIME.SEED + rank)
@@ -97,16 +97,7 @@ def main(argv=None) -> dict:
                        validate=kmeans_validation(cfg, val_sets, device))
     trainer = Trainer(cfg, args.out, model, optimizer, train_set, hooks, device, collate_fn=collate,
                       rank=rank, world_size=world_size, forward_module=TwoViews(model))
-    checkpoint = resume_path(args)
-    if checkpoint:
-        trainer.resume(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {trainer.step}")
-    results = trainer.fit(cfg.SOLVER.MAX_STEPS if not cfg.SOLVER.RUN_FOREVER else 0)
-    logger.info(f"done: step {trainer.step}, best score {trainer.best_score:.4f}, "
-                f"{trainer.skipped_nonfinite} non-finite steps skipped, {trainer.skipped_samples} bad samples skipped; "
-                f"checkpoints in {os.path.abspath(args.out)}")
-    distributed.cleanup()
-    return results
+    return trainer.run(checkpoint, logger)
 
 
 if __name__ == "__main__":

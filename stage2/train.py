@@ -10,7 +10,6 @@ stepped per validation, model selection by mean F1/IoU (MPC protocol).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -91,6 +90,7 @@ def build_model(cfg, device, world_size, logger):
 def main(argv=None) -> dict:
     args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = config_from_args(args, stage=2)
+    checkpoint = resume_path(args)  # before any work: an existing run is never overwritten
     device = resolve_device(cfg.RUNTIME.DEVICE)
     rank, world_size = distributed.init_distributed(device)
     seed_everything(cfg.RUNTIME.SEED + rank)
@@ -104,16 +104,7 @@ def main(argv=None) -> dict:
                        validate=head_validation(cfg, val_sets, device))
     trainer = Trainer(cfg, args.out, model, optimizer, train_set, hooks, device, collate_fn=collate,
                       rank=rank, world_size=world_size)
-    checkpoint = resume_path(args)
-    if checkpoint:
-        trainer.resume(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {trainer.step}")
-    results = trainer.fit(cfg.SOLVER.MAX_STEPS if not cfg.SOLVER.RUN_FOREVER else 0)
-    logger.info(f"done: step {trainer.step}, best score {trainer.best_score:.4f}, "
-                f"{trainer.skipped_nonfinite} non-finite steps skipped, {trainer.skipped_samples} bad samples skipped; "
-                f"checkpoints in {os.path.abspath(args.out)}")
-    distributed.cleanup()
-    return results
+    return trainer.run(checkpoint, logger)
 
 
 if __name__ == "__main__":

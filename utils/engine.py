@@ -291,3 +291,16 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         return last_results
+
+    def run(self, resume_from: str | None, logger) -> dict:
+        """Resume when asked, train for SOLVER.MAX_STEPS (or until stopped by hand with SOLVER.RUN_FOREVER), then
+        log a summary: the one way both training scripts run."""
+        if resume_from:
+            self.resume(resume_from)
+            logger.info(f"resumed from {resume_from} at step {self.step}")
+        results = self.fit(0 if self.cfg.SOLVER.RUN_FOREVER else self.cfg.SOLVER.MAX_STEPS)
+        logger.info(f"done: step {self.step}, best score {self.best_score:.4f}, {self.skipped_nonfinite} non-finite "
+                    f"steps skipped, {self.skipped_samples} bad samples skipped; checkpoints in "
+                    f"{os.path.abspath(self.out_dir)}")
+        distributed.cleanup()
+        return results
