@@ -21,6 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python stage2/test.py`: make the repository's packages importable first
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
 import yaml
 
 from datasets.dataset import ForgeryDataset
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--robustness", action="store_true", help="also run the METRICS.md distortion grid")
     parser.add_argument("--perturb", default=None, metavar="SPEC",
                         help="also run these distortions, e.g. jpeg:70,resize:0.5,blur:7,noise:11,osn")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score the trivial all-forged and all-authentic predictions (rows '<list> all-forged', "
+                             "'<list> all-authentic'), the floor a model must beat")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images or masks (counted in the report) instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out folder that is not empty")
@@ -214,6 +218,13 @@ def plot_rows(robustness_rows: list[dict]) -> list[dict]:
     return list(points.values())
 
 
+def constant_predictor(value: float):
+    """A 'model' predicting `value` everywhere: the trivial baselines."""
+    def predict(images):
+        return torch.full((images.shape[0], images.shape[2] // 4, images.shape[3] // 4), value)
+    return predict
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -247,6 +258,12 @@ def main(argv=None) -> dict:
         results[name] = {key: value for key, value in result.items() if key != "per_image"}
         results[name]["list"] = lists[name]
         summary.append(summary_row(name, result))
+        if args.baselines:
+            for label, constant in (("all-forged", 1.0), ("all-authentic", 0.0)):
+                baseline = evaluate(constant_predictor(constant), dataset, device, num_workers=num_workers,
+                                    desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad)
+                results[name][label] = {k: v for k, v in baseline.items() if k != "per_image"}
+                summary.append(summary_row(f"{name} {label}", baseline))
 
     report = {"protocol": PROTOCOL, "weights": os.path.abspath(args.weights), "datasets": results}
     if perturbations:

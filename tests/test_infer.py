@@ -2,66 +2,21 @@
 bad files reported and skipped, name collisions, --skip-existing, scores.csv."""
 import csv
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_weights import INPUT_SIZE, reference_probability, save_tiny_weights
 
-from models import build_stage2_model
 from stage2 import infer
-from utils.checkpoint import CHECKPOINT_FORMAT
-from utils.config import load_config
 
-INPUT_SIZE = 64
-
-
-def tiny_model(head: str, seed: int) -> torch.nn.Module:
-    """hrt_nano stage-2 model whose probabilities spread over [0, 1]: an untrained head outputs logits near 0, i.e.
-    probabilities right at the 0.5 threshold, which would make every comparison a coin toss on rounding."""
-    torch.manual_seed(seed)
-    model = build_stage2_model("hrt_nano", head=head).eval()
-    last = model.decoder.classifier[-1]
-    with torch.no_grad():
-        logits = model(torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE))
-        scale = 4.0 / logits.std()
-        last.weight.mul_(scale)
-        last.bias.copy_((last.bias - logits.mean()) * scale)
-    return model
-
-
-def reference_probability(model, path) -> np.ndarray:
-    """The protocol written out independently: PIL RGB read, cv2 bilinear squash-resize, /255, sigmoid, x255
-    bilinear resize to the original size, back to [0, 1]."""
-    image = np.asarray(Image.open(path).convert("RGB"))
-    height, width = image.shape[:2]
-    resized = cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
-    batch = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255
-    with torch.no_grad():
-        prob = torch.sigmoid(model(batch))[0, 0].numpy()
-    return cv2.resize(prob * 255, (width, height), interpolation=cv2.INTER_LINEAR) / 255
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine is shared: one thread per test process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Our checkpoint format (catnet head) and an official-style bare state_dict (casiav2 head)."""
-    folder = tmp_path_factory.mktemp("weights")
-    ours = tiny_model("catnet", seed=0)
-    config = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano"])
-    torch.save({"format": CHECKPOINT_FORMAT, "stage": 2, "model": ours.state_dict(), "config": config.dump()},
-               folder / "ours.pth")
-    official = tiny_model("casiav2", seed=1)
-    torch.save(official.state_dict(), folder / "official_style.pth")
-    return {"ours": (folder / "ours.pth", ours), "official": (folder / "official_style.pth", official)}
+    return save_tiny_weights(tmp_path_factory.mktemp("weights"), "ours.pth", 0, "official_style.pth", 1)
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
+from tiny_weights import INPUT_SIZE, reference_probability, save_tiny_weights
 
 from stage2 import test as test_script
-from test_infer import INPUT_SIZE, reference_probability, tiny_model
-from utils.checkpoint import CHECKPOINT_FORMAT
-from utils.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METRICS = ("f1_fixed", "iou", "f1_best", "f1_permuted", "f1_pooled", "auc_mean", "auc_pooled", "img_auc", "img_f1",
            "img_bacc")
@@ -30,25 +30,10 @@ def official_iou(pred, gt):
     return 1.0 if intersection + union == 0 else intersection / (union + 1e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    ours = tiny_model("catnet", seed=2)
-    config = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano"])
-    torch.save({"format": CHECKPOINT_FORMAT, "stage": 2, "model": ours.state_dict(), "config": config.dump()},
-               folder / "best.pth")
-    official = tiny_model("casiav2", seed=3)
-    torch.save(official.state_dict(), folder / "MPC_CASIAv2_stage2_weights.pth")
-    return {"ours": (folder / "best.pth", ours, "catnet"),
-            "official": (folder / "MPC_CASIAv2_stage2_weights.pth", official, "casiav2")}
+    made = save_tiny_weights(tmp_path_factory.mktemp("weights"), "best.pth", 2, "MPC_CASIAv2_stage2_weights.pth", 3)
+    return {"ours": (*made["ours"], "catnet"), "official": (*made["official"], "casiav2")}
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +250,16 @@ def test_input_size_defaults_to_the_training_size_then_the_protocol():
                             head="catnet")
     assert ours.input_size() == 96 and ours.input_size(64) == 64
     assert official.input_size() == 512 and official.input_size(256) == 256
+
+
+def test_baselines_score_constant_maps_as_scikit_learn_does(weights, tiny_list, tmp_path):
+    weights_path, _, _ = weights["ours"]
+    list_path, rows = tiny_list
+    report = run(weights_path, list_path, tmp_path / "out", "--baselines")
+    result = report["datasets"]["tiny_6"]
+    gts = [np.asarray(Image.open(mask).convert("L")) > 127 for _, mask in rows if mask]
+    for label, constant in (("all-forged", True), ("all-authentic", False)):
+        expected = np.mean([f1_score(gt.ravel(), np.full(gt.size, constant)) for gt in gts])
+        assert result[label]["f1_fixed"] == pytest.approx(expected, abs=1e-12)
+    assert result["all-authentic"]["iou"] == pytest.approx(0.0, abs=1e-6)
+    assert "tiny_6 all-forged" in (tmp_path / "out" / "table.txt").read_text()
