@@ -242,3 +242,23 @@ def test_ddp_gradients_equal_one_process_on_the_combined_batch(synthetic_list, t
         assert torch.allclose(ddp_grads[name], reference, rtol=1e-4, atol=1e-7), name
         compared += 1
     assert compared > 50
+
+
+def test_exported_weights_keep_the_model_and_drop_the_training_state(tmp_path):
+    from utils.checkpoint import RELEASE_KEYS, export_weights
+    model = build_stage2_model("hrt_nano")
+    cfg = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano", "DATA.NUM_WORKERS", "0"])
+    hooks = StageHooks(set_train_mode=lambda m: m.train(), train_step=None, validate=None)
+    trainer = Trainer(cfg, str(tmp_path), model, torch.optim.AdamW(model.decoder.parameters()), _dataset(8), hooks,
+                      torch.device("cpu"))
+    full = trainer.save("best.pth")
+    released = export_weights(full, str(tmp_path / "release.pth"))
+    contents = torch.load(released, weights_only=True)
+    assert set(contents) == set(RELEASE_KEYS)
+    assert os.path.getsize(released) < os.path.getsize(full)
+    fresh = build_stage2_model("hrt_nano")
+    from models import load_checkpoint
+    report = load_checkpoint(fresh, released)
+    assert not report.missing and not report.mismatched
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -58,3 +58,15 @@ def load_training_checkpoint(path: str, map_location="cpu") -> dict:
         raise RuntimeError(f"'{path}' is not a training checkpoint of this project (no format '{CHECKPOINT_FORMAT}'); "
                            "to start from other weights use MODEL.IMAGENET_WEIGHTS or MODEL.STAGE1_WEIGHTS")
     return checkpoint
+
+
+RELEASE_KEYS = ("format", "stage", "model", "config", "step", "best_score")
+
+
+def export_weights(checkpoint_path: str, out_path: str) -> str:
+    """A release copy of a training checkpoint: the model, its config, step and score, without the optimiser,
+    scheduler and RNG states a resume needs. It loads wherever the full checkpoint does (test, infer,
+    `models.load_checkpoint`)."""
+    checkpoint = load_training_checkpoint(checkpoint_path)
+    atomic_torch_save({key: checkpoint[key] for key in RELEASE_KEYS}, out_path)
+    return out_path
