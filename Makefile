@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	$(PY) stage1/train.py --config configs/demo_stage1.yaml --out $(DEMO)/stage1
 	$(PY) stage2/train.py --config configs/demo_stage2.yaml --out $(DEMO)/stage2
 	$(PY) stage2/test.py --weights $(DEMO)/stage2/best.pth --flist $(DEMO_TEST) --out $(DEMO)/test_results --save-masks --baselines
-	$(PY) stage2/infer.py --input "$(DEMO)/test/images/*_00[0-5]*.png" --weights $(DEMO)/stage2/best.pth --out $(DEMO)/infer
+	$(PY) stage2/infer.py --input "$(DEMO)/test/images/0000[0-5]_*.png" --weights $(DEMO)/stage2/best.pth --out $(DEMO)/infer
 	@echo
 	@cat $(DEMO)/test_results/table.txt 2>/dev/null || true
 	@echo "pictures: $(DEMO)/infer (masks, heat maps), $(DEMO)/stage2/previews (validation), $(DEMO)/test_results"

@@ -30,6 +30,7 @@ from datasets.dataset import ForgeryDataset, collate_skip_bad
 from datasets.synthetic import make_synthetic_set
 from losses import multi_view_pixel_contrast
 from models import build_stage1_model
+from stage1.train import scale1_mask
 
 
 def _sync(device):
@@ -60,7 +61,7 @@ def measure_one(model_name: str, size: int, batch_size: int, repeats: int, devic
         rows = []
         for _ in range(repeats + 1):
             batch, t_data = _timed(device, lambda: collate_skip_bad([dataset[i] for i in range(batch_size)]))
-            images, masks = batch["image"].to(device), batch["mask"].to(device)
+            images, masks = batch["image"].to(device), scale1_mask(batch["mask"]).to(device)
             view1, t_fwd1 = _timed(device, lambda: model(images))
             view2, t_fwd2 = _timed(device, lambda: model(images))
             losses, t_loss = _timed(device, lambda: multi_view_pixel_contrast(view1, view2, masks))

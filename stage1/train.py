@@ -41,14 +41,18 @@ class TwoViews(nn.Module):
         return self.model(images), self.model(images)
 
 
+def scale1_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The dataset's B×1×h×w training masks as the B×h×w the loss takes."""
+    return mask.flatten(0, -3) if mask.dim() == 4 else mask
+
+
 def loss_terms(cfg):
     weights = {"within_image": cfg.LOSS.WITHIN_IMAGE, "cross_scale": cfg.LOSS.CROSS_SCALE,
                "cross_modality": cfg.LOSS.CROSS_MODALITY}
 
     def train_step(module, batch):
         view1, view2 = module(batch["image"])
-        mask = batch["mask"].flatten(0, -3) if batch["mask"].dim() == 4 else batch["mask"]  # B×1×h×w -> B×h×w
-        return multi_view_pixel_contrast(view1, view2, mask, max_samples=cfg.LOSS.MAX_SAMPLES,
+        return multi_view_pixel_contrast(view1, view2, scale1_mask(batch["mask"]), max_samples=cfg.LOSS.MAX_SAMPLES,
                                          temperature=cfg.LOSS.TEMPERATURE, weights=weights,
                                          positives=cfg.LOSS.POSITIVES, share_samples=cfg.LOSS.SHARE_SAMPLES)
     return train_step
