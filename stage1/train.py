@@ -20,14 +20,11 @@ import torch.nn as nn
 
 from losses import multi_view_pixel_contrast
 from models import build_stage1_model
-from utils import distributed
 from utils.builders import build_datasets, build_optimizer, prepare_model
-from utils.cli import config_from_args, resume_path, training_parser
+from utils.cli import start_run
 from utils.engine import StageHooks, Trainer
 from utils.evaluation import evaluate, mpc_score
 from utils.kmeans import kmeans_forgery_mask
-from utils.logging import get_logger
-from utils.runtime import resolve_device, seed_everything
 
 
 class TwoViews(nn.Module):
@@ -79,13 +76,8 @@ def kmeans_validation(cfg, val_sets, device):
 
 
 def main(argv=None) -> dict:
-    args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
-    cfg = config_from_args(args, stage=1)
-    checkpoint = resume_path(args)  # before any work: an existing run is never overwritten
-    device = resolve_device(cfg.RUNTIME.DEVICE)
-    rank, world_size = distributed.init_distributed(device)
-    seed_everything(cfg.RUNTIME.SEED + rank)
-    logger = get_logger("stage1", args.out if rank == 0 else None)
+    run = start_run(argv, stage=1, description=__doc__.splitlines()[0])
+    args, cfg, device, world_size, logger = run.args, run.cfg, run.device, run.world_size, run.logger
 
     weights_file = cfg.MODEL.IMAGENET_WEIGHTS or None
     model = build_stage1_model(cfg.MODEL.BACKBONE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE, normalize=True,
@@ -100,8 +92,8 @@ def main(argv=None) -> dict:
     hooks = StageHooks(set_train_mode=lambda m: m.train(), train_step=loss_terms(cfg),
                        validate=kmeans_validation(cfg, val_sets, device))
     trainer = Trainer(cfg, args.out, model, optimizer, train_set, hooks, device, collate_fn=collate,
-                      rank=rank, world_size=world_size, forward_module=TwoViews(model))
-    return trainer.run(checkpoint, logger)
+                      rank=run.rank, world_size=world_size, forward_module=TwoViews(model))
+    return trainer.run(run.checkpoint, logger)
 
 
 if __name__ == "__main__":

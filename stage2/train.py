@@ -21,13 +21,10 @@ import torch
 
 from losses import build_head_loss
 from models import build_stage2_model, load_checkpoint
-from utils import distributed
 from utils.builders import build_datasets, build_optimizer, prepare_model
-from utils.cli import config_from_args, resume_path, training_parser
+from utils.cli import start_run
 from utils.engine import StageHooks, Trainer
 from utils.evaluation import evaluate, mpc_score
-from utils.logging import get_logger
-from utils.runtime import resolve_device, seed_everything
 from utils.visualize import prediction_grid
 
 PREVIEW_IMAGES = 4  # validation predictions drawn into TensorBoard and OUT/previews/
@@ -88,13 +85,8 @@ def build_model(cfg, device, world_size, logger):
 
 
 def main(argv=None) -> dict:
-    args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
-    cfg = config_from_args(args, stage=2)
-    checkpoint = resume_path(args)  # before any work: an existing run is never overwritten
-    device = resolve_device(cfg.RUNTIME.DEVICE)
-    rank, world_size = distributed.init_distributed(device)
-    seed_everything(cfg.RUNTIME.SEED + rank)
-    logger = get_logger("stage2", args.out if rank == 0 else None)
+    run = start_run(argv, stage=2, description=__doc__.splitlines()[0])
+    args, cfg, device, world_size, logger = run.args, run.cfg, run.device, run.world_size, run.logger
 
     model = build_model(cfg, device, world_size, logger)
     trainable = model.decoder.parameters() if cfg.STAGE2.FREEZE_BACKBONE else model.parameters()
@@ -103,8 +95,8 @@ def main(argv=None) -> dict:
     hooks = StageHooks(set_train_mode=set_train_mode(cfg), train_step=head_step(cfg),
                        validate=head_validation(cfg, val_sets, device))
     trainer = Trainer(cfg, args.out, model, optimizer, train_set, hooks, device, collate_fn=collate,
-                      rank=rank, world_size=world_size)
-    return trainer.run(checkpoint, logger)
+                      rank=run.rank, world_size=world_size)
+    return trainer.run(run.checkpoint, logger)
 
 
 if __name__ == "__main__":

@@ -234,13 +234,17 @@ def test_ddp_gradients_equal_one_process_on_the_combined_batch(synthetic_list, t
     model.eval()
     cfg = load_config(None, [])
     loss_terms(cfg)(TwoViews(model), batch)["total"].backward()
-    compared = 0
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        reference = param.grad
-        assert torch.allclose(ddp_grads[name], reference, rtol=1e-4, atol=1e-7), name
-        compared += 1
+    # float32 sums in another order (per rank, then all-reduced). Some gradients are exactly zero in theory (the key
+    # projection's bias: softmax ignores a per-query constant) and hold only rounding noise, so errors are measured
+    # against the whole gradient's scale.
+    names = [name for name, param in model.named_parameters() if param.grad is not None]
+    reference = torch.cat([model.get_parameter(n).grad.flatten() for n in names])
+    distributed = torch.cat([ddp_grads[n].flatten() for n in names])
+    assert (distributed - reference).norm() / reference.norm() < 1e-5
+    for name in names:
+        error = (ddp_grads[name] - model.get_parameter(name).grad).norm() / reference.norm()
+        assert error < 1e-5, (name, float(error))
+    compared = len(names)
     assert compared > 50
 
 

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from dataclasses import dataclass
 
+import torch
+
+from utils import distributed
 from utils.config import load_config
+from utils.logging import get_logger
+from utils.runtime import resolve_device, seed_everything
 
 
 def training_parser(description: str) -> argparse.ArgumentParser:
@@ -50,3 +57,28 @@ def resume_path(args) -> str | None:
     if not os.path.exists(path):
         raise SystemExit(f"--resume: no checkpoint at {path}")
     return path
+
+
+@dataclass
+class Run:
+    """What a training script starts from: its arguments, config, checkpoint to resume, device, process rank."""
+    args: argparse.Namespace
+    cfg: object
+    checkpoint: str | None
+    device: torch.device
+    rank: int
+    world_size: int
+    logger: logging.Logger
+
+
+def start_run(argv, stage: int, description: str) -> Run:
+    """Parse the command line, resolve the config, refuse to overwrite an existing run (before any work), join the
+    process group, seed this process and open the log: the start both training scripts share."""
+    args = training_parser(description).parse_args(argv)
+    cfg = config_from_args(args, stage=stage)
+    checkpoint = resume_path(args)
+    device = resolve_device(cfg.RUNTIME.DEVICE)
+    rank, world_size = distributed.init_distributed(device)
+    seed_everything(cfg.RUNTIME.SEED + rank)
+    logger = get_logger(f"stage{stage}", args.out if rank == 0 else None)
+    return Run(args, cfg, checkpoint, device, rank, world_size, logger)
