@@ -23,7 +23,7 @@ from models import build_stage1_model
 from utils.builders import build_datasets, build_optimizer, prepare_model
 from utils.cli import start_run
 from utils.engine import StageHooks, Trainer
-from utils.evaluation import evaluate, mpc_score
+from utils.evaluation import evaluate, validation_summary
 from utils.kmeans import kmeans_forgery_mask
 
 
@@ -66,11 +66,7 @@ def kmeans_validation(cfg, val_sets, device):
 
         results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}")
                    for name, dataset in val_sets.items()}
-        summary = {"score": mpc_score(results)}
-        for name, result in results.items():
-            summary[f"{name}_f1"] = result["f1_fixed"]
-            summary[f"{name}_iou"] = result["iou"]
-        return summary
+        return validation_summary(results)
 
     return validate
 

@@ -24,7 +24,7 @@ from models import build_stage2_model, load_checkpoint
 from utils.builders import build_datasets, build_optimizer, prepare_model
 from utils.cli import start_run
 from utils.engine import StageHooks, Trainer
-from utils.evaluation import evaluate, mpc_score
+from utils.evaluation import evaluate, validation_summary
 from utils.visualize import prediction_grid
 
 PREVIEW_IMAGES = 4  # validation predictions drawn into TensorBoard and OUT/previews/
@@ -62,10 +62,7 @@ def head_validation(cfg, val_sets, device):
         results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}",
                                   on_image=keep_preview)
                    for name, dataset in val_sets.items()}
-        summary = {"score": mpc_score(results)}
-        for name, result in results.items():
-            summary[f"{name}_f1"] = result["f1_fixed"]
-            summary[f"{name}_iou"] = result["iou"]
+        summary = validation_summary(results)
         if previews:
             summary["images"] = prediction_grid(*zip(*previews))
         return summary

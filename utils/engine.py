@@ -201,12 +201,9 @@ class Trainer:
         with autocast(self.device, self.amp):
             losses = self.hooks.train_step(self.train_module, batch)
         total = losses["total"]
-        if not torch.isfinite(total.detach()):
-            # Every process must agree to skip, or DDP's all-reduce would hang: a non-finite value anywhere skips all.
-            finite = False
-        else:
-            finite = True
-        finite = distributed.all_reduce_sum(float(not finite), self.device) == 0
+        # Every process must agree to skip, or DDP's all-reduce would hang: a non-finite value anywhere skips all.
+        locally_bad = float(not torch.isfinite(total.detach()))
+        finite = distributed.all_reduce_sum(locally_bad, self.device) == 0
         self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             return None

@@ -129,6 +129,15 @@ def mpc_score(results_per_set: dict[str, dict]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def validation_summary(results_per_set: dict[str, dict]) -> dict:
+    """What a training validation logs: the score, then each set's F1 and IoU."""
+    summary = {"score": mpc_score(results_per_set)}
+    for name, result in results_per_set.items():
+        summary[f"{name}_f1"] = result["f1_fixed"]
+        summary[f"{name}_iou"] = result["iou"]
+    return summary
+
+
 def finite_or_none(value):
     """NaN (an undefined metric) -> None: empty in CSV, null in JSON."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
