@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .checkpoint import OUR_FORMAT, CheckpointError, LoadReport, load_checkpoint
+from .checkpoint import OUR_FORMAT, CheckpointError, LoadReport, load_checkpoint, read_checkpoint
 from .heads import HEADS, LocalizationHead, build_head
 from .hrformer import HRFORMER_CONFIGS, HRFormer, build_hrformer
 from .hrnet_timm import TIMM_HRNETS, TimmHRNet
@@ -27,6 +27,7 @@ __all__ = [
     "build_stage2_model",
     "fuse_scales",
     "load_checkpoint",
+    "read_checkpoint",
     "registry_entry_for",
     "verify_weights",
 ]

@@ -68,11 +68,21 @@ def _weights_only_reason(error: Exception) -> str:
     return (reason or text)[:300]
 
 
-def _read(path: Path, map_location) -> object:
+def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> object:
+    """A weights file's contents, read with ``weights_only=True`` after the registry check (size and SHA-256 of
+    released files). ``mmap`` maps the tensors instead of copying them where the format allows (the legacy non-zip
+    format cannot be mapped and is then read normally). Every failure is a ``CheckpointError`` naming the file."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    verify_weights(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not (mmap and "mmap" in str(error)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _weights_only_reason(error)
         if "Unsupported global" in reason:
@@ -169,10 +179,7 @@ def load_checkpoint(
         source, obj = "<state dict>", path
     else:
         source = str(path)
-        path = Path(path)
-        if path.is_file():
-            verify_weights(path)
-        obj = _read(path, map_location)
+        obj = read_checkpoint(path, map_location)
     state, kind = _unwrap(obj, source)
 
     model_state = model.state_dict()

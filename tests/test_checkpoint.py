@@ -223,6 +223,20 @@ def test_missing_file(tmp_path):
         load_checkpoint(_fresh_stage2(), tmp_path / "nowhere.pth")
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_read_checkpoint_maps_zip_files_and_reads_legacy_ones(tmp_path, zip_format):
+    """`read_checkpoint(mmap=True)` (what test.py and infer.py use) gives the saved tensors for both torch formats;
+    the legacy format cannot be memory-mapped and is read normally."""
+    saved = {"conv1.weight": torch.arange(24.0).reshape(2, 3, 2, 2), "step": 7}
+    path = tmp_path / "weights.pth"
+    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+    loaded = models.read_checkpoint(path, mmap=True)
+    assert loaded["step"] == 7 and torch.equal(loaded["conv1.weight"], saved["conv1.weight"])
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="weights.pth: cannot be read .*truncated, corrupt"):
+        models.read_checkpoint(path, mmap=True)
+
+
 def test_require_names_unknown_part(source):
     with pytest.raises(ValueError, match="head"):
         load_checkpoint(_fresh_stage2(), source.state_dict(), require=("head",))

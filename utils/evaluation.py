@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import math
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.io import ImageReadError
-from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, verify_weights
+from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, read_checkpoint
 from utils.files import atomic_write_bytes, atomic_write_text
 from utils.config import get_default_config
 from utils.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
@@ -174,22 +173,6 @@ class TrainedModel:
         return int(self.config.DATA.INPUT_SIZE) if self.config is not None else PROTOCOL_INPUT_SIZE
 
 
-def _read_weights(path: str):
-    """The checkpoint's contents after the registry check (size and sha256 of released files), read once with
-    `weights_only=True`; memory-mapped where the format allows, so the tensors are not held twice while loading."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: weights file not found")
-    verify_weights(path)
-    for mmap in (True, False):  # the legacy (non-zip) format cannot be memory-mapped
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as error:  # truncated, corrupt, or a pickle that needs code: weights_only refuses it
-            if mmap and "mmap" in str(error):
-                continue
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file "
-                                  f"({type(error).__name__}: {str(error)[:300]})") from None
-
-
 def head_from_state_dict(state, source: str) -> str:
     """The head (`models.HEADS` name) whose hidden widths match the `decoder.classifier` convolutions of an official
     state_dict: the CATNet and CASIAv2 releases differ by one 128->64 layer."""
@@ -232,7 +215,7 @@ def load_trained_model(path: str, backbone: str | None = None, head: str | None 
     A `backbone`/`head` that contradicts our checkpoint's config is an error.
     """
     path = str(path)
-    contents = _read_weights(path)
+    contents = read_checkpoint(path, mmap=True)  # mapped: the tensors are not held twice while loading
     if not isinstance(contents, dict):
         raise CheckpointError(f"{path}: not a state dict (the file holds a {type(contents).__name__})")
     notes = []
