@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file readable by its owner only; the finished file gets the mode open() would have given it.
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_output(path) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces `path` only when the block finishes without error."""
@@ -16,6 +26,7 @@ def atomic_output(path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, FILE_MODE)
         with os.fdopen(handle, "wb") as stream:
             yield stream
             stream.flush()
