@@ -124,6 +124,42 @@ def test_resumed_run_continues_with_the_same_losses_and_stage2_loads_it(syntheti
     assert list((tmp_path / "stage2" / "previews").glob("*.png"))
 
 
+def test_channels_last_trains_like_the_default_layout(synthetic_list, tmp_path):
+    """RUNTIME.CHANNELS_LAST (meant for CUDA; the same code runs here) changes the memory layout, not the maths:
+    the same seeded run gives the same losses up to float reordering, and a checkpoint with the same keys."""
+    from stage1.train import main as stage1_main
+    config = write_config(tmp_path, 1, synthetic_list)
+    default, nhwc = tmp_path / "default", tmp_path / "channels_last"
+    stage1_main(["--config", config, "--out", str(default), "--seed", "3", "--max-steps", "3"])
+    stage1_main(["--config", config, "--out", str(nhwc), "--seed", "3", "--max-steps", "3",
+                 "RUNTIME.CHANNELS_LAST", "True"])
+    expected, found = train_losses(default), train_losses(nhwc)
+    assert sorted(found) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert found[step] == pytest.approx(expected[step], rel=1e-3), step
+    keys = [set(torch.load(run / "latest.pth", weights_only=True)["model"]) for run in (default, nhwc)]
+    assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-with-scaler"])
+def test_mixed_precision_step_runs_the_amp_path(synthetic_list, tmp_path, monkeypatch, dtype):
+    """The AMP code path (autocast around the two views and the loss; fp16 through a GradScaler), forced on the CPU
+    since no GPU is at hand here: losses stay finite and near the float32 run's, and the scaler state is saved."""
+    import utils.engine
+    from stage1.train import main as stage1_main
+    config = write_config(tmp_path, 1, synthetic_list)
+    full = tmp_path / "float32"
+    stage1_main(["--config", config, "--out", str(full), "--seed", "3", "--max-steps", "2"])
+    monkeypatch.setattr(utils.engine, "amp_dtype", lambda mode, device: dtype)
+    mixed = tmp_path / "mixed"
+    stage1_main(["--config", config, "--out", str(mixed), "--seed", "3", "--max-steps", "2"])
+    expected, found = train_losses(full), train_losses(mixed)
+    assert sorted(found) == [1, 2] and all(np.isfinite(v) for v in found.values())
+    assert found[1] == pytest.approx(expected[1], rel=0.05)  # same weights and batch; only the precision differs
+    scaler = torch.load(mixed / "latest.pth", weights_only=True)["scaler"]
+    assert bool(scaler) == (dtype is torch.float16)  # a disabled scaler saves an empty state
+
+
 def test_stage2_refuses_a_backbone_that_does_not_fit(synthetic_list, tmp_path):
     from stage2.train import main as stage2_main
     other = build_stage1_model("hrt_tiny")
