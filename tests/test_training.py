@@ -126,7 +126,7 @@ def test_resumed_run_continues_with_the_same_losses_and_stage2_loads_it(syntheti
 
 def test_channels_last_trains_like_the_default_layout(synthetic_list, tmp_path):
     """RUNTIME.CHANNELS_LAST (meant for CUDA; the same code runs here) changes the memory layout, not the maths:
-    the same seeded run gives the same losses up to float reordering, and a checkpoint with the same keys."""
+    the same seeded run gives the same first loss up to float reordering, close ones after, and the same keys."""
     from stage1.train import main as stage1_main
     config = write_config(tmp_path, 1, synthetic_list)
     default, nhwc = tmp_path / "default", tmp_path / "channels_last"
@@ -135,8 +135,9 @@ def test_channels_last_trains_like_the_default_layout(synthetic_list, tmp_path):
                  "RUNTIME.CHANNELS_LAST", "True"])
     expected, found = train_losses(default), train_losses(nhwc)
     assert sorted(found) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert found[step] == pytest.approx(expected[step], rel=1e-3), step
+    assert found[1] == pytest.approx(expected[1], rel=1e-5)  # same weights and batch: only the summation order differs
+    for step in (2, 3):  # AdamW's normalised updates amplify those last-bit differences in tiny gradients
+        assert found[step] == pytest.approx(expected[step], rel=1e-2), step
     keys = [set(torch.load(run / "latest.pth", weights_only=True)["model"]) for run in (default, nhwc)]
     assert keys[0] == keys[1]
 
