@@ -33,9 +33,10 @@ from datasets.adapters import (  # noqa: E402
 )
 from datasets.flist import (  # noqa: E402
     CHECK_IMAGE_MODES, FileListError, as_rows, check_rows, mask_values, read_flist, relative_rows,
-    write_binary_mask, write_flist, write_text,
+    write_binary_mask, write_flist,
 )
 from datasets.io import ImageReadError  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +161,7 @@ def generate(args) -> int:
     path = write_flist(final, out, args.name)
     print(f"wrote {path} ({len(final)} rows)")
     if report.problems:
-        report_path = write_text(path.with_suffix(".report.txt"),
+        report_path = atomic_write_text(path.with_suffix(".report.txt"),
                                  report.summary(first=len(report.problems)) + "\n")
         print(f"wrote {report_path}")
     return 0

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.io import MASK_THRESHOLD, ImageReadError, image_size, read_image
-from utils.files import atomic_output, atomic_write_text
+from utils.files import atomic_output, write_png
 
 MASK_KINDS = ("binary", "inverted", "columbia_edge")
 CHECK_IMAGE_MODES = ("header", "full")
@@ -120,11 +120,6 @@ def relative_rows(rows, base_dir) -> np.ndarray:
     return as_rows((relative(image), relative(mask)) for image, mask in as_rows(rows))
 
 
-def write_text(path, text: str) -> Path:
-    """Write a text file atomically."""
-    return atomic_write_text(path, text)
-
-
 # ----------------------------------------------------------------------------------------------------- the masks
 
 def mask_values(path, kind: str = "binary") -> np.ndarray:
@@ -146,12 +141,7 @@ def mask_values(path, kind: str = "binary") -> np.ndarray:
 
 def write_binary_mask(values: np.ndarray, path) -> Path:
     """Save `values > 127` as a 0/255 8-bit PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    binary = np.where(values > MASK_THRESHOLD, 255, 0).astype(np.uint8)
-    with atomic_output(path) as stream:
-        Image.fromarray(binary, mode="L").save(stream, format="PNG")
-    return path
+    return write_png(path, np.where(values > MASK_THRESHOLD, 255, 0).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------------ checking

@@ -27,7 +27,7 @@ import numpy as np
 from datasets.flist import write_flist
 from datasets.io import ImageReadError, read_image
 from datasets.perturb import jpeg
-from utils.files import atomic_write_bytes
+from utils.files import write_png
 
 KINDS = ("splice", "copymove", "removal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -222,14 +222,6 @@ def make_sample(kind: str, size: int, rng: np.random.Generator, sources: list[Pa
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    pixels = array[:, :, ::-1] if array.ndim == 3 else array  # OpenCV writes BGR
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels))
-    if not ok:
-        raise RuntimeError(f"OpenCV could not PNG-encode '{path}'")
-    atomic_write_bytes(path, encoded.tobytes())
-
-
 def list_sources(folder) -> list[Path]:
     """Readable-looking image files directly in `folder`, sorted by name (so a seed picks the same ones)."""
     folder = Path(folder)
@@ -274,11 +266,11 @@ def make_synthetic_set(out_dir, num: int, size: int = 256, seed: int = 0, source
         image, mask = make_sample(kind, size, np.random.default_rng([seed, i]), source_files, difficulty,
                                   tuple(shapes))
         image_path = out_dir / "images" / f"{i:05d}_{kind}.png"
-        _write_png(image_path, image)
+        write_png(image_path, image)
         mask_path = ""
         if mask is not None:
             mask_path = out_dir / "masks" / f"{i:05d}_{kind}.png"
-            _write_png(mask_path, mask.astype(np.uint8) * 255)
+            write_png(mask_path, mask.astype(np.uint8) * 255)
         rows.append((str(image_path), str(mask_path)))
     return write_flist(rows, out_dir, name)
 

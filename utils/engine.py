@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import cv2
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -25,6 +24,7 @@ from utils import distributed
 from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, capture_rng_state, load_training_checkpoint,
                               restore_rng_state)
 from utils.config import save_config
+from utils.files import write_png
 from utils.runtime import amp_dtype, autocast, make_grad_scaler
 from utils.sampling import ResumableSampler, SeededItems
 
@@ -221,9 +221,7 @@ class Trainer:
             images = results.pop("images", None)
             if images is not None:
                 self._writer().add_image("val/predictions", images, self.step, dataformats="HWC")
-                preview = os.path.join(self.out_dir, "previews", f"step_{self.step:07d}.png")
-                os.makedirs(os.path.dirname(preview), exist_ok=True)
-                cv2.imwrite(preview, cv2.cvtColor(images, cv2.COLOR_RGB2BGR))
+                write_png(os.path.join(self.out_dir, "previews", f"step_{self.step:07d}.png"), images)
         score = distributed.broadcast_float(results.get("score", 0.0), self.device)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(score)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from datasets.io import ImageReadError
 from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, read_checkpoint
-from utils.files import atomic_write_bytes, atomic_write_text
+from utils.files import atomic_write_bytes, atomic_write_text, write_png
 from utils.config import get_default_config
 from utils.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
 
@@ -291,16 +291,6 @@ class UniqueNames:
         """The image's file name less its last extension (inner dots kept: `a.b.jpg` -> `a.b`), made unique (the
         same stem in two folders)."""
         return self.take(Path(str(path)).stem or "image")
-
-
-def write_png(path, image: np.ndarray) -> None:
-    """An RGB (H×W×3) or gray (H×W) uint8 image as a PNG, atomically."""
-    if image.ndim == 3:
-        image = np.ascontiguousarray(image[:, :, ::-1])  # OpenCV writes BGR
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError(f"OpenCV could not PNG-encode an image of shape {image.shape} for {path}")
-    atomic_write_bytes(str(path), encoded.tobytes())
 
 
 def write_mask(path, prob_255: np.ndarray) -> None:

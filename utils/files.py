@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+import cv2
+import numpy as np
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -45,3 +48,13 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(path, image: np.ndarray) -> Path:
+    """An RGB (H×W×3) or gray (H×W) uint8 image as a PNG, atomically."""
+    if image.ndim == 3:
+        image = image[:, :, ::-1]  # OpenCV writes BGR
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not PNG-encode an image of shape {image.shape} for {path}")
+    return atomic_write_bytes(path, encoded.tobytes())

@@ -128,7 +128,6 @@ def plot_robustness(rows, out_png, metrics=None):
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_png) as stream:
         figure.savefig(stream, format="png", dpi=100)
     return out_png
