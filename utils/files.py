@@ -29,8 +29,8 @@ def atomic_output(path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(handle, FILE_MODE)
-        with os.fdopen(handle, "wb") as stream:
+        with os.fdopen(handle, "wb") as stream:  # owns the descriptor from here: closed whatever happens
+            os.fchmod(stream.fileno(), FILE_MODE)
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
