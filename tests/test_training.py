@@ -58,6 +58,19 @@ def fixed_batch(flist: str, n: int = 2) -> dict:
     return {"image": torch.stack([i["image"] for i in items]), "mask": torch.stack([i["mask"] for i in items])}
 
 
+def train_on_fixed_batch(set_train_mode, step, optimizer, steps: int = 12) -> list[float]:
+    """`steps` optimiser steps on one batch, as the engine takes them; the losses."""
+    losses = []
+    for _ in range(steps):
+        set_train_mode()
+        loss = step()["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_stage1_loss_goes_down_on_a_fixed_batch(synthetic_list):
     from stage1.train import TwoViews, loss_terms
     torch.manual_seed(0)
@@ -66,14 +79,7 @@ def test_stage1_loss_goes_down_on_a_fixed_batch(synthetic_list):
     step, two_views = loss_terms(cfg), TwoViews(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     batch = fixed_batch(synthetic_list)
-    losses = []
-    for _ in range(12):
-        model.train()
-        loss = step(two_views, batch)["total"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_fixed_batch(model.train, lambda: step(two_views, batch), optimizer)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
@@ -87,14 +93,7 @@ def test_stage2_loss_goes_down_on_a_fixed_batch(synthetic_list):
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=1e-2)
     batch = fixed_batch(synthetic_list)
     frozen = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    losses = []
-    for _ in range(12):
-        set_train_mode(cfg)(model)
-        loss = step(model, batch)["total"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on_fixed_batch(lambda: set_train_mode(cfg)(model), lambda: step(model, batch), optimizer)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     # truly frozen: no weight and no BN statistic of the backbone moved
     for key, value in model.encoder.state_dict().items():
