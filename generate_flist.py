@@ -150,7 +150,7 @@ def generate(args) -> int:
         print(f"not written: {len(report.errors)} error(s); fix them or pass --skip-bad to write the good rows",
               file=sys.stderr)
         return 1
-    good = [index for index in range(len(rows)) if index not in report.bad_rows]
+    good = report.good_indices()
     if not good:
         print("not written: no good rows", file=sys.stderr)
         return 1
@@ -162,7 +162,7 @@ def generate(args) -> int:
     print(f"wrote {path} ({len(final)} rows)")
     if report.problems:
         report_path = atomic_write_text(path.with_suffix(".report.txt"),
-                                 report.summary(first=len(report.problems)) + "\n")
+                                        report.summary(first=len(report.problems)) + "\n")
         print(f"wrote {report_path}")
     return 0
 

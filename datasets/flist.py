@@ -176,10 +176,14 @@ class CheckReport:
     def bad_rows(self) -> set[int]:
         return {problem.row for problem in self.errors if problem.row is not None}
 
+    def good_indices(self) -> list[int]:
+        """The indices of the rows without errors, in order."""
+        bad = self.bad_rows  # a set built from every problem: build it once, not once per row
+        return [index for index in range(len(self.rows)) if index not in bad]
+
     def good_rows(self) -> np.ndarray:
         """The rows without errors, in their original order."""
-        keep = [index for index in range(len(self.rows)) if index not in self.bad_rows]
-        return self.rows[keep].reshape(-1, 2)
+        return self.rows[self.good_indices()].reshape(-1, 2)
 
     def summary(self, first: int = 3) -> str:
         """Counts, then errors and warnings by kind with the first few files named."""
