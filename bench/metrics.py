@@ -1,4 +1,4 @@
-"""Time `utils.metrics.PixelMetrics` against per-image scikit-learn calls on synthetic 1024x768 maps.
+"""Time `utils.evaluation.metrics.PixelMetrics` against per-image scikit-learn calls on synthetic 1024x768 maps.
 
 The scikit-learn baseline per image: `f1_score` at the fixed threshold, the official IoU, the best F1 from
 `precision_recall_curve` and `roc_auc_score`. Maps are generated one at a time from a seed (never all held in
@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.metrics import PixelMetrics  # noqa: E402
+from utils.evaluation.metrics import PixelMetrics  # noqa: E402
 
 METRIC_KEYS = ("f1_fixed", "iou", "f1_best", "auc")
 
@@ -83,12 +83,12 @@ def main():
     def cases():
         return (synthetic_case(seed, width, height) for seed in range(args.images))
 
-    timings = {"utils.metrics": [], "scikit-learn": []}
+    timings = {"utils.evaluation.metrics": [], "scikit-learn": []}
     max_difference = 0.0
     for _ in range(args.runs):
         ours, ours_seconds = ours_rows(cases())
         reference, reference_seconds = sklearn_rows(cases())
-        timings["utils.metrics"].append(ours_seconds)
+        timings["utils.evaluation.metrics"].append(ours_seconds)
         timings["scikit-learn"].append(reference_seconds)
         max_difference = max(max_difference, max(abs(a[key] - b[key])
                                                   for a, b in zip(ours, reference) for key in METRIC_KEYS))
@@ -97,7 +97,7 @@ def main():
     print(f"machine: {machine} / {platform.node()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"numpy {np.__version__}, threads {torch.get_num_threads()}")
     print(f"{args.images} maps of {width}x{height}, median of {args.runs} runs; metrics: {', '.join(METRIC_KEYS)} "
-          "(+ f1_permuted, f1_pooled, auc_pooled for utils.metrics)")
+          "(+ f1_permuted, f1_pooled, auc_pooled for utils.evaluation.metrics)")
     print(f"{'implementation':<16} {'seconds':>9} {'ms/image':>9} {'speed-up':>9}")
     reference_median = float(np.median(timings["scikit-learn"]))
     for name, values in timings.items():

@@ -20,11 +20,11 @@ import torch.nn as nn
 
 from losses import multi_view_pixel_contrast
 from models import build_stage1_model
-from utils.builders import build_datasets, build_optimizer, prepare_model
-from utils.cli import start_run
-from utils.engine import StageHooks, Trainer
-from utils.evaluation import evaluate, validation_summary
-from utils.kmeans import kmeans_forgery_mask
+from utils.training.builders import build_datasets, build_optimizer, prepare_model
+from utils.training.cli import start_run
+from utils.training.engine import StageHooks, Trainer
+from utils.evaluation.loop import evaluate, validation_summary
+from utils.evaluation.kmeans import kmeans_forgery_mask
 
 
 class TwoViews(nn.Module):

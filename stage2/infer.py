@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from datasets.dataset import ForgeryDataset
 from datasets.io import ImageReadError, read_image
-from utils.evaluation import (CatchReadErrors, UniqueNames, load_trained_model, probability_01,
+from utils.evaluation.loop import (CatchReadErrors, UniqueNames, load_trained_model, probability_01,
                               probability_predictor, single_item, write_csv, write_mask, write_probability)
 from utils.files import write_png
-from utils.metrics import upsample_probability
+from utils.evaluation.metrics import upsample_probability
 from utils.runtime import resolve_device
-from utils.visualize import heatmap_overlay
+from utils.evaluation.visualize import heatmap_overlay
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm", ".jp2"}
 SCORE_COLUMNS = ("name", "path", "score", "height", "width")

@@ -28,14 +28,14 @@ from datasets.dataset import ForgeryDataset
 from datasets.flist import read_flist
 from datasets.io import ImageReadError
 from datasets.perturb import ROBUSTNESS_GRID, make_perturbation, parse_perturbations
-from utils.builders import list_name
+from utils.training.builders import list_name
 from utils.files import atomic_write_text
 from utils.config import get_default_config, load_config
-from utils.evaluation import (PER_IMAGE_COLUMNS, UniqueNames, environment, evaluate, json_safe,
+from utils.evaluation.loop import (PER_IMAGE_COLUMNS, UniqueNames, environment, evaluate, json_safe,
                               load_trained_model, probability_predictor, sha256_of, write_csv, write_mask,
                               write_probability)
 from utils.runtime import resolve_device
-from utils.visualize import plot_robustness
+from utils.evaluation.visualize import plot_robustness
 
 PROTOCOL = ("MPC: squash-resize to INPUT_SIZE, /255, sigmoid at 1/4, x255 bilinear (cv2) to the GT size, > 127; "
             "pixel metrics on tampered images, per-image mean")

@@ -21,11 +21,11 @@ import torch
 
 from losses import build_head_loss
 from models import build_stage2_model, load_checkpoint
-from utils.builders import build_datasets, build_optimizer, prepare_model
-from utils.cli import start_run
-from utils.engine import StageHooks, Trainer
-from utils.evaluation import evaluate, validation_summary
-from utils.visualize import prediction_grid
+from utils.training.builders import build_datasets, build_optimizer, prepare_model
+from utils.training.cli import start_run
+from utils.training.engine import StageHooks, Trainer
+from utils.evaluation.loop import evaluate, validation_summary
+from utils.evaluation.visualize import prediction_grid
 
 PREVIEW_IMAGES = 4  # validation predictions drawn into TensorBoard and OUT/previews/
 

@@ -8,8 +8,8 @@ from sklearn.metrics import f1_score
 
 from datasets.dataset import ForgeryDataset
 from datasets.synthetic import make_synthetic_set
-from utils.evaluation import load_trained_model
-from utils.metrics import upsample_probability
+from utils.evaluation.loop import load_trained_model
+from utils.evaluation.metrics import upsample_probability
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mpc_demo_hrt_nano_stage2.pth"
 

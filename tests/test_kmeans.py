@@ -1,4 +1,4 @@
-"""utils.kmeans: known clusters are recovered, the minority is forged, seeds fix the result, sklearn agrees."""
+"""utils.evaluation.kmeans: known clusters are recovered, the minority is forged, seeds fix the result, sklearn agrees."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from utils.kmeans import cosine_kmeans, kmeans_forgery_mask
+from utils.evaluation.kmeans import cosine_kmeans, kmeans_forgery_mask
 
 
 def two_blobs(sizes=(300, 100), dim=32, spread=0.15, seed=0):

@@ -1,4 +1,4 @@
-"""utils.metrics against scikit-learn (the independent reference) and the official MPC test.py computation."""
+"""utils.evaluation.metrics against scikit-learn (the independent reference) and the official MPC test.py computation."""
 import math
 import warnings
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import (balanced_accuracy_score, f1_score, precision_recall_curve, roc_auc_score)
 
-from utils.metrics import (FIXED_THRESHOLD_255, ImageMetrics, PixelMetrics, binarize, upsample_probability)
+from utils.evaluation.metrics import (FIXED_THRESHOLD_255, ImageMetrics, PixelMetrics, binarize, upsample_probability)
 
 BIN_WIDTH_255 = 255.0 / 65535  # the documented pooled-AUC bin width
 

@@ -177,7 +177,7 @@ def test_evaluate_labels_images_by_the_list_and_scores_empty_masks_as_the_offici
     """A row with a mask path is tampered even when the mask is empty (official: F1 0, IoU 0 unless nothing is
     predicted); a row without one is authentic: image-level only. Predictor = the image's red channel."""
     from datasets.dataset import ForgeryDataset
-    from utils.evaluation import evaluate
+    from utils.evaluation.loop import evaluate
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -243,7 +243,7 @@ def test_real_samples_score_as_the_official_code_reads_them(weights, tmp_path):
 
 def test_input_size_defaults_to_the_training_size_then_the_protocol():
     from utils.config import load_config
-    from utils.evaluation import TrainedModel
+    from utils.evaluation.loop import TrainedModel
     ours = TrainedModel(model=None, weights="w.pth", source_format="mpc-reimpl", backbone="hrt_nano", head="catnet",
                         config=load_config(None, ["DATA.INPUT_SIZE", "96"]))
     official = TrainedModel(model=None, weights="w.pth", source_format="official state_dict", backbone="hrt_base",

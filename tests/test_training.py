@@ -20,8 +20,8 @@ from datasets.flist import read_flist
 from datasets.synthetic import make_synthetic_set
 from models import CheckpointError, build_stage1_model, build_stage2_model
 from utils.config import load_config
-from utils.engine import NonFiniteLossError, StageHooks, Trainer
-from utils.sampling import ResumableSampler
+from utils.training.engine import NonFiniteLossError, StageHooks, Trainer
+from utils.training.sampling import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -145,12 +145,12 @@ def test_channels_last_trains_like_the_default_layout(synthetic_list, tmp_path):
 def test_mixed_precision_step_runs_the_amp_path(synthetic_list, tmp_path, monkeypatch, dtype):
     """The AMP code path (autocast around the two views and the loss; fp16 through a GradScaler), forced on the CPU
     since no GPU is at hand here: losses stay finite and near the float32 run's, and the scaler state is saved."""
-    import utils.engine
+    import utils.training.engine
     from stage1.train import main as stage1_main
     config = write_config(tmp_path, 1, synthetic_list)
     full = tmp_path / "float32"
     stage1_main(["--config", config, "--out", str(full), "--seed", "3", "--max-steps", "2"])
-    monkeypatch.setattr(utils.engine, "amp_dtype", lambda mode, device: dtype)
+    monkeypatch.setattr(utils.training.engine, "amp_dtype", lambda mode, device: dtype)
     mixed = tmp_path / "mixed"
     stage1_main(["--config", config, "--out", str(mixed), "--seed", "3", "--max-steps", "2"])
     expected, found = train_losses(full), train_losses(mixed)

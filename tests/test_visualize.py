@@ -1,10 +1,10 @@
-"""utils.visualize: shapes, dtypes and content of the pictures; the robustness PNG is written and readable."""
+"""utils.evaluation.visualize: shapes, dtypes and content of the pictures; the robustness PNG is written and readable."""
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from utils.visualize import GRID_GAP, heatmap_overlay, plot_robustness, prediction_grid
+from utils.evaluation.visualize import GRID_GAP, heatmap_overlay, plot_robustness, prediction_grid
 
 
 def test_heatmap_overlay_blends_a_resized_colour_map():

@@ -26,7 +26,7 @@ from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, capture_rng_
 from utils.config import save_config
 from utils.files import write_png
 from utils.runtime import amp_dtype, autocast, make_grad_scaler
-from utils.sampling import ResumableSampler, SeededItems
+from utils.training.sampling import ResumableSampler, SeededItems
 
 
 @dataclass

@@ -27,7 +27,7 @@ from datasets.io import ImageReadError
 from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, read_checkpoint
 from utils.files import atomic_write_bytes, atomic_write_text, write_png
 from utils.config import get_default_config
-from utils.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
+from utils.evaluation.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
 
 PROTOCOL_INPUT_SIZE = 512  # MPC squash-resizes every test image to 512×512
 

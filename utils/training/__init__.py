@@ -1,0 +1,1 @@
+"""The training layer: the engine both stages share, the training command line, builders and samplers."""
