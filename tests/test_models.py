@@ -1,8 +1,5 @@
 """The models against the official MPC reference (tests/fixtures), plus the DropPath and timm HRNet contracts."""
-import json
 import math
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,34 +8,11 @@ import torch.nn.functional as F
 
 import models
 from models.hrformer import HRFORMER_CONFIGS, DropPath, relative_position_index
+from official_fill import FIXTURES, fill_official, load_manifest
 
 torch.set_num_threads(1)  # the test machine is small and shared
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL_VALUES = 45_356_639
-
-
-def fill_value(name: str, shape: tuple) -> np.ndarray:
-    """The fixtures README's deterministic fill rule, keyed by the official name."""
-    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
-    if name.endswith("running_var"):
-        value = 0.5 + rng.random(shape)
-    elif name.endswith("running_mean"):
-        value = 0.1 * rng.standard_normal(shape)
-    elif len(shape) >= 2:
-        value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-    elif name.endswith("weight"):
-        value = 1 + 0.1 * rng.standard_normal(shape)
-    else:
-        value = 0.1 * rng.standard_normal(shape)
-    return np.asarray(value, dtype=np.float32)
-
-
-def fill_official(model: torch.nn.Module, manifest: list[dict]) -> None:
-    """Overwrite every float32 entry of the manifest; integer buffers stay as the model builds them."""
-    weights = {e["key"]: torch.from_numpy(fill_value(e["key"], tuple(e["shape"]))) for e in manifest if e["dtype"] == "float32"}
-    result = model.load_state_dict(weights, strict=False)
-    assert result.unexpected_keys == []
 
 
 def relative_error(out: torch.Tensor, ref: np.ndarray) -> float:
@@ -47,7 +21,7 @@ def relative_error(out: torch.Tensor, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def manifest():
-    return json.loads((FIXTURES / "mpc_state_dict_manifest.json").read_text())
+    return load_manifest()
 
 
 @pytest.fixture(scope="module")
