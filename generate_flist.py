@@ -4,15 +4,16 @@
     python generate_flist.py --images DIR --masks DIR --mask-suffix _gt --name MySet
     python generate_flist.py --pairs pairs.csv --authentic real/ --name MySet
     python generate_flist.py --show flist/CASIAv1_36.npy
+    python generate_flist.py --synthetic 2000 --size 512 --name synth --out data/synth [--sources my_photos/]
 
 Images and masks are paired by name, never by sorted position. Every row is checked (missing, unreadable or
-truncated files, image/mask size mismatch, empty or all-forged masks are errors; non-binary and mostly-forged masks
-are warnings). With errors nothing is written and the exit status is 1, unless --skip-bad, which writes the good rows
-and `<name>_<N>.report.txt` beside the list.
+truncated files, image/mask size mismatch, empty or all-forged masks, a pair listed twice are errors; non-binary and
+mostly-forged masks are warnings). With errors nothing is written and the exit status is 1, unless --skip-bad, which
+writes the good rows and `<name>_<N>.report.txt` beside the list.
 
-Masks that need a conversion (inverted masks, Columbia edge masks) cannot be expressed in the official format, whose
-reader means "> 127 = forged"; they are written as 0/255 PNGs under `<out>/masks/<name>/<image stem>.png` and the
-list points at those. Plain binary masks are referenced where they are.
+Masks that need a conversion (inverted masks, Columbia edge masks, --mask-convention) cannot be expressed in the
+official format, whose reader means "> 127 = forged"; they are written as 0/255 PNGs under
+`<out>/masks/<name>/<image stem>.png` and the list points at those. Plain binary masks are referenced where they are.
 
 Paths are stored absolute, or relative to --relative-to DIR; relative paths in a list are opened relative to the
 current directory (as the official code does), so run training and testing from DIR.
@@ -32,10 +33,12 @@ from datasets.adapters import (  # noqa: E402
     ADAPTERS, AdapterError, Listing, authentic_folder, list_dataset, pair_folders, pairs_from_file,
 )
 from datasets.flist import (  # noqa: E402
-    CHECK_IMAGE_MODES, FileListError, as_rows, check_rows, mask_values, read_flist, relative_rows,
-    write_binary_mask, write_flist,
+    CHECK_IMAGE_MODES, ERROR, FileListError, Problem, as_rows, check_rows, convert_masks, read_flist, relative_rows,
+    write_flist,
 )
 from datasets.io import ImageReadError  # noqa: E402
+from datasets.synthetic import KINDS, SCENE_SHAPES, make_synthetic_set, parse_shape_range  # noqa: E402
+from utils.entry import run_script  # noqa: E402
 from utils.files import atomic_write_text  # noqa: E402
 
 
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add every image of DIR as authentic (repeatable)")
     source.add_argument("--invert-masks", action="store_true",
                         help="masks mark forged pixels black (0 = forged); converted masks are written")
+    source.add_argument("--mask-convention", choices=("nonzero", "colour", "alpha"),
+                        help="masks not in the grey > 127 rule: nonzero (0/1 masks: any value > 0 is forged), colour "
+                             "(drawn in any colour on black: any channel > 127), alpha (the opaque part is forged); "
+                             "converted masks are written")
     output = parser.add_argument_group("output")
     output.add_argument("--name", help="list name; the file is <out>/<name>_<N>.npy")
     output.add_argument("--out", default="flist", help="output folder (default: flist)")
@@ -69,7 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "full: decode every image")
     output.add_argument("--skip-bad", action="store_true",
                         help="write the good rows and a report when some rows have errors")
-    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synthetic = parser.add_argument_group("synthetic forgeries (datasets/synthetic.py): images, masks and their list "
+                                          "written into --out")
+    synthetic.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic images and list them")
+    synthetic.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    synthetic.add_argument("--seed", type=int, default=0, help="fixes every byte of the set (default 0)")
+    synthetic.add_argument("--sources", help="folder of authentic photos to tamper (default: procedural scenes)")
+    synthetic.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    synthetic.add_argument("--authentic-fraction", type=float, default=0.25, help="share of untouched images")
+    synthetic.add_argument("--difficulty", type=float, default=0.25, help="0 = glaring noise/JPEG mismatch, 1 = subtle")
+    synthetic.add_argument("--shapes", type=shape_range, default=SCENE_SHAPES, metavar="N or FEWEST,MOST",
+                           help="flat shapes per procedural scene (default 3,8; 0 = plain scenes, the easiest to "
+                                "learn from)")
     parser.add_argument("--show", metavar="LIST.npy", help="print an existing list's summary and first rows")
     parser.add_argument("--rows", type=int, default=5, help="with --show: how many rows to print (default 5)")
     return parser
@@ -91,10 +110,26 @@ def gather(args) -> Listing:
     return listing
 
 
+def shape_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_shape_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def write_synthetic(args) -> int:
+    path = make_synthetic_set(args.out, args.synthetic, args.size, args.seed, sources=args.sources,
+                              kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+                              authentic_fraction=args.authentic_fraction, difficulty=args.difficulty,
+                              name=args.name, shapes=args.shapes, progress=not args.no_progress)
+    print(path)
+    return 0
+
+
 def validate(parser: argparse.ArgumentParser, args) -> None:
-    sources = [bool(args.dataset), bool(args.images or args.masks), bool(args.pairs)]
+    sources = [bool(args.dataset), bool(args.images or args.masks), bool(args.pairs), args.synthetic is not None]
     if sum(sources) > 1:
-        parser.error("give only one of --dataset, --images/--masks, --pairs")
+        parser.error("give only one of --dataset, --images/--masks, --pairs, --synthetic")
     if not any(sources) and not args.authentic:
         parser.error("nothing to list: give --dataset and --root, --images and --masks, --pairs, or --authentic")
     if args.dataset and not args.root:
@@ -103,6 +138,8 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--images and --masks go together")
     if not args.name:
         parser.error("--name is required")
+    if args.invert_masks and args.mask_convention:
+        parser.error("give only one of --invert-masks, --mask-convention")
 
 
 def show(path: str, count: int) -> int:
@@ -116,21 +153,36 @@ def show(path: str, count: int) -> int:
     return 0
 
 
-def convert_masks(rows: np.ndarray, kinds: list[str], folder: Path) -> np.ndarray:
-    """Write converted masks as 0/255 PNGs named by image stem; return rows pointing at them."""
-    converted = []
-    written: dict[Path, str] = {}
-    for (image, mask), kind in zip(rows, kinds):
-        if kind != "binary" and mask != "":
-            target = folder / f"{Path(image).stem}.png"
-            if target in written:
-                raise FileListError(f"two images convert to the same mask '{target}': '{written[target]}' and "
-                                    f"'{image}'")
-            written[target] = image
-            mask = str(write_binary_mask(mask_values(mask, kind), target).absolute())
-        converted.append((image, mask))
-    # A new array: the converted paths may be longer than the fixed-width strings of `rows`.
-    return as_rows(converted)
+def duplicate_rows(rows) -> list[Problem]:
+    """A pair listed twice would be trained on twice as often and scored twice: each repeat is an error, so that
+    --skip-bad keeps the first."""
+    first_row: dict[tuple[str, str], int] = {}
+    problems = []
+    for index, (image, mask) in enumerate(rows):
+        key = (str(image), str(mask))
+        if key in first_row:
+            problems.append(Problem(ERROR, "duplicate row", key[0], f"the same pair as row {first_row[key]}", index))
+        else:
+            first_row[key] = index
+    return problems
+
+
+def first_error(report) -> str:
+    """The first error in one line: what, which row and file, why."""
+    problem = report.errors[0]
+    where = f"row {problem.row}: " if problem.row is not None else ""
+    detail = " ".join(problem.detail.split())
+    return f"{problem.kind}: {where}'{problem.path}'" + (f" ({detail})" if detail else "")
+
+
+def make_out_folder(out: Path) -> None:
+    """--out is created before anything is written into it; a file in its place is named, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileListError(f"--out '{out}' is a file, not a folder") from None
+    except OSError as error:
+        raise FileListError(f"--out '{out}': cannot create the folder ({error.strerror})") from None
 
 
 def generate(args) -> int:
@@ -139,22 +191,26 @@ def generate(args) -> int:
     rows = as_rows([(os.path.abspath(p.image), os.path.abspath(p.mask)) for p in pairs]
                    + [(os.path.abspath(image), "") for image in listing.authentic])
     flip = {"binary": "inverted"} if args.invert_masks else {}
+    if args.mask_convention:
+        flip = {"binary": args.mask_convention}
     kinds = [flip.get(p.mask_kind, p.mask_kind) for p in pairs] + ["binary"] * len(listing.authentic)
-    report = check_rows(rows, kinds, args.check_images, progress=not args.quiet)
+    report = check_rows(rows, kinds, args.check_images, progress=not args.no_progress)
     report.problems[:0] = listing.problems
+    report.problems += duplicate_rows(rows)
     print(report.summary())
     if len(rows) == 0:
         print("error: no rows found", file=sys.stderr)
         return 1
     if report.errors and not args.skip_bad:
-        print(f"not written: {len(report.errors)} error(s); fix them or pass --skip-bad to write the good rows",
-              file=sys.stderr)
+        print(f"not written: {len(report.errors)} error(s), the first: {first_error(report)}; fix them (all are listed "
+              "above) or pass --skip-bad to write the good rows", file=sys.stderr)
         return 1
     good = report.good_indices()
     if not good:
         print("not written: no good rows", file=sys.stderr)
         return 1
     out = Path(args.out)
+    make_out_folder(out)
     final = convert_masks(rows[good], [kinds[i] for i in good], out / "masks" / args.name)
     if args.relative_to:
         final = relative_rows(final, args.relative_to)
@@ -174,11 +230,11 @@ def main(argv=None) -> int:
         if args.show:
             return show(args.show, args.rows)
         validate(parser, args)
-        return generate(args)
+        return write_synthetic(args) if args.synthetic is not None else generate(args)
     except (AdapterError, FileListError, ImageReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

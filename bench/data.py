@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datasets.dataset import ForgeryDataset, collate_skip_bad, seed_worker  # noqa: E402
+from datasets.dataset import ForgeryDataset, collate_readable  # noqa: E402
 from datasets.synthetic import make_synthetic_set  # noqa: E402
+from utils.training.sampling import ResumableSampler, SeededItems  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -48,8 +49,8 @@ def shared_rows() -> np.ndarray:
 def images_per_second(rows: np.ndarray, workers: int, augment: bool, count: int, seed: int) -> float:
     index = np.arange(count) % len(rows)
     dataset = ForgeryDataset(rows[index], mode="train", augment=augment, seed=seed)
-    loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=workers, worker_init_fn=seed_worker,
-                        collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(SeededItems(dataset), batch_size=4, num_workers=workers, collate_fn=collate_readable,
+                        sampler=ResumableSampler(len(dataset), 4, seed=seed))  # as the trainer loads
     start = time.perf_counter()
     loaded = sum(len(batch["path"]) for batch in loader)
     return loaded / (time.perf_counter() - start)

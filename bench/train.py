@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from datasets.dataset import ForgeryDataset, collate_skip_bad
+from datasets.dataset import ForgeryDataset, collate_readable
 from datasets.synthetic import make_synthetic_set
 from losses import multi_view_pixel_contrast
 from models import build_stage1_model
@@ -60,7 +60,7 @@ def measure_one(model_name: str, size: int, batch_size: int, repeats: int, devic
             torch.cuda.reset_peak_memory_stats(device)
         rows = []
         for _ in range(repeats + 1):
-            batch, t_data = _timed(device, lambda: collate_skip_bad([dataset[i] for i in range(batch_size)]))
+            batch, t_data = _timed(device, lambda: collate_readable([dataset[i] for i in range(batch_size)]))
             images, masks = batch["image"].to(device), scale1_mask(batch["mask"]).to(device)
             view1, t_fwd1 = _timed(device, lambda: model(images))
             view2, t_fwd2 = _timed(device, lambda: model(images))

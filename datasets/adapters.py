@@ -1,12 +1,14 @@
 """Pairing images with their masks: by name, from an explicit pairs file, and for each standard dataset.
 
-Never by sorted position (the official script does that, MPC_SPEC §9.11: one missing mask shifts every later pair).
+Never by sorted position (the official script does that, docs/MPC_SPEC.md §9.11: one missing mask shifts every
+later pair).
 Every function returns a `Listing`: tampered pairs, authentic images, and pairing problems (an image with no mask,
 a mask with no image, two files claiming the same name). Names match case-insensitively, with any of the image
 extensions below. Each pair carries its mask kind (`binary`, `inverted`, `columbia_edge`, see `datasets.flist`).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import re
 from dataclasses import dataclass, field
@@ -14,14 +16,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from datasets.flist import ERROR, Problem
+from datasets.io import IMAGE_EXTENSIONS
+from utils.files import not_a_regular_file
+from utils.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 NIST16_REFERENCE = "NC2016-manipulation-ref.csv"
 
 KeyFunction = Callable[[Path], Optional[str]]
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """A dataset folder or pairs file that does not have the expected layout; the message names it."""
 
 
@@ -134,35 +138,85 @@ def authentic_folder(folder, recursive: bool = False) -> Listing:
     return Listing(authentic=[str(path) for path in image_files(folder, recursive)])
 
 
+PAIR_SEPARATORS = {"\t": "tab", ",": "comma", ";": "semicolon"}
+_QUOTED = re.compile(r'"[^"]*"')
+
+
 def pairs_from_file(path, mask_kind: str = "binary") -> Listing:
-    """Pairs listed in a text file: `image,mask` (CSV) or `image mask` (whitespace) per line.
+    """Pairs listed in a text file: `image,mask` per line, separated by a comma, a semicolon or a tab (what
+    spreadsheet programs save), or by spaces (`image mask`).
 
     Relative paths are relative to the file's folder. A line with only an image is an authentic image; blank lines,
-    lines starting with '#' and an `image,mask` header line are skipped.
+    lines starting with '#', lines of empty cells and an `image,mask` header line are skipped. Files saved by
+    spreadsheet programs read as they are: a UTF-8 byte-order mark, UTF-16 ("Unicode text"), Windows line endings,
+    quoted fields (a path holding the separator or spaces) and trailing empty cells. The separator is the one the
+    file uses outside quotes (a tab wins: paths do not hold tabs); a file mixing commas and semicolons, text that is
+    not UTF-8, an unclosed quote or a line of three paths is refused with the line named.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"pairs file '{path}': no such file")
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise AdapterError(f"pairs file '{path}': {problem}")
+    lines = [(number, line.strip()) for number, line in enumerate(re.split(r"\r\n|\r|\n", _pairs_text(path)), start=1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    separator = _pairs_separator(path, lines)
     base = path.parent
     listing = Listing()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
+    for number, line in lines:
+        fields = _pairs_fields(path, number, line, separator)
+        if not fields or [part.lower() for part in fields] == ["image", "mask"]:
             continue
-        fields = [part.strip() for part in text.split(",")] if "," in text else text.split()
-        if [part.lower() for part in fields] == ["image", "mask"]:
-            continue
-        if len(fields) == 2 and fields[1] == "":
-            fields = fields[:1]
-        if len(fields) not in (1, 2) or fields[0] == "":
-            raise AdapterError(f"pairs file '{path}', line {number}: expected 'image,mask' or 'image mask', "
-                               f"found {line!r}")
+        if len(fields) > 2 or fields[0] == "":
+            shown = f"'image{'<tab>' if separator == chr(9) else separator or ' '}mask'"
+            raise AdapterError(f"pairs file '{path}', line {number}: expected {shown} or an image alone "
+                               f"({PAIR_SEPARATORS.get(separator, 'space')}-separated), found {line!r}")
         image = str(base / fields[0])
         if len(fields) == 1:
             listing.authentic.append(image)
         else:
             listing.pairs.append(Pair(image, str(base / fields[1]), mask_kind))
     return listing
+
+
+def _pairs_text(path: Path) -> str:
+    data = path.read_bytes()
+    # Excel's "Unicode text" is UTF-16 with a byte-order mark; its "CSV UTF-8" starts with a UTF-8 one (dropped).
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise AdapterError(f"pairs file '{path}', line {line}: not {encoding.upper().replace('-SIG', '')} text "
+                           f"(byte 0x{data[error.start]:02X}); save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
+
+
+def _pairs_separator(path: Path, lines: list[tuple[int, str]]) -> str | None:
+    """The separator the lines use outside quotes; None for spaces."""
+    first_use = {}
+    for number, line in lines:
+        unquoted = _QUOTED.sub("", line)
+        for separator in PAIR_SEPARATORS:
+            if separator in unquoted:
+                first_use.setdefault(separator, number)
+    if "\t" in first_use:
+        return "\t"
+    if len(first_use) > 1:
+        raise AdapterError(f"pairs file '{path}': both commas (line {first_use[',']}) and semicolons (line "
+                           f"{first_use[';']}) separate fields; use one separator, and quote the paths that hold it")
+    return next(iter(first_use), None)
+
+
+def _pairs_fields(path: Path, number: int, line: str, separator: str | None) -> list[str]:
+    """The non-empty leading fields of one line (trailing empty cells dropped)."""
+    try:
+        fields = next(csv.reader([line], delimiter=separator or " ", skipinitialspace=True, strict=True))
+    except csv.Error as error:
+        raise AdapterError(f"pairs file '{path}', line {number}: cannot be split into fields ({error}); check its "
+                           f"quotes: {line!r}") from None
+    fields = [field.strip() for field in fields]
+    while fields and fields[-1] == "":
+        fields.pop()
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------- standard sets

@@ -12,8 +12,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from datasets.io import MASK_THRESHOLD
+
 GATE_PROBABILITY = 0.75  # the official `random.random() < 0.75` around the whole pipeline
-MASK_THRESHOLD = 127
 
 
 class OpenCVGaussianBlur(A.ImageOnlyTransform):
@@ -79,7 +80,7 @@ class ElasticAffineJitter(A.DualTransform):
 
 
 def official_transforms(input_size: int = 512) -> list:
-    """The official Compose body (MPC_SPEC §3), with 1.3.1's effective arguments spelled out for 2.x."""
+    """The official Compose body (docs/MPC_SPEC.md §3), with 1.3.1's effective arguments spelled out for 2.x."""
     reflect = cv2.BORDER_REFLECT_101  # 1.3.1's default border for every geometric step; 2.x defaults to constant
     blur = A.OneOf([
         A.Blur(blur_limit=(3, 7), p=1),
@@ -125,7 +126,7 @@ class OfficialAugmentation:
 
     With probability `gate_p` (official: 0.75) the whole pipeline runs, otherwise the pair comes back as is.
     All randomness comes from one numpy and one Python generator shared by every step, seeded by `seed` (None:
-    from the OS) and re-seeded per DataLoader worker by `datasets.dataset.seed_worker`. The mask stays binary
+    from the OS) and re-seeded per item by `utils.training.sampling.SeededItems`. The mask stays binary
     (re-thresholded > 127).
     """
 

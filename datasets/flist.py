@@ -4,11 +4,12 @@ A file list is a NumPy unicode array of shape (N, 2): (image path, mask path), o
 path means an authentic image (an all-zero mask). Lists are saved as `<name>_<N>.npy`, as the official scripts do.
 
 Relative paths in a list are relative to the current working directory, exactly as the official code opens them,
-so official lists load unchanged; `resolve_rows` makes them absolute against any folder you choose.
+so official lists load unchanged.
 
 Masks in a list always mean "> 127 = forged" (the official reader). Masks that need a conversion first (inverted
-masks, Columbia's colour edge masks) are described by a mask kind; `mask_values` applies it and
-`write_binary_mask` stores the result as a 0/255 PNG that the list can point at.
+masks, Columbia's colour edge masks, 0/1 masks, masks drawn in colour or carried by transparency) are described by a
+mask kind; `mask_values` applies it and `write_binary_mask` stores the result as a 0/255 PNG that the list can point
+at. The check reports a mask the rule would misread (`datasets.io.mask_convention_problem`) with the kind to use.
 """
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datasets.io import MASK_THRESHOLD, ImageReadError, image_size, read_image
+from datasets.io import (
+    MASK_THRESHOLD, ImageReadError, MaskPixels, image_size, mask_convention_problem, not_a_regular_file, read_image,
+    read_mask_pixels,
+)
+from datasets.mixture import RepeatedRows
+from utils.errors import UserError
 from utils.files import atomic_output, write_png
 
-MASK_KINDS = ("binary", "inverted", "columbia_edge")
+MASK_KINDS = ("binary", "inverted", "columbia_edge", "nonzero", "colour", "alpha")
 CHECK_IMAGE_MODES = ("header", "full")
 
 # A mask pixel is "ambiguous" when it is neither near black nor near white. JPEG-stored masks (Columbia) carry
@@ -43,7 +49,7 @@ COLUMBIA_GREEN_THRESHOLD = 120
 ERROR, WARNING = "error", "warning"
 
 
-class FileListError(ValueError):
+class FileListError(UserError, ValueError):
     """A file list that cannot be read or written; the message names the file."""
 
 
@@ -52,8 +58,9 @@ class FileListError(ValueError):
 def read_flist(path) -> np.ndarray:
     """Load a file list as an (N, 2) array of str (image path, mask path; '' = authentic)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileListError(f"file list '{path}': no such file")
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise FileListError(f"file list '{path}': {problem}")
     if path.suffix != ".npy":
         raise FileListError(f"file list '{path}': not a .npy file (file lists are NumPy .npy arrays of shape (N, 2))")
     with open(path, "rb") as handle:
@@ -79,10 +86,15 @@ def read_flist(path) -> np.ndarray:
     return rows
 
 
-def as_rows(rows) -> np.ndarray:
-    """(N, 2) unicode array from any sequence of (image, mask) pairs."""
-    array = np.asarray([(str(image), str(mask)) for image, mask in rows], dtype=str)
-    return array.reshape(-1, 2)
+def as_rows(rows) -> np.ndarray | RepeatedRows:
+    """(N, 2) unicode array from any sequence of (image, mask) pairs; a lazily repeated `RepeatedRows` passes."""
+    if isinstance(rows, RepeatedRows):
+        return rows
+    try:
+        return np.asarray([(str(image), str(mask)) for image, mask in rows], dtype=str).reshape(-1, 2)
+    except (TypeError, ValueError):
+        raise ValueError("rows must be (N, 2) pairs of (image path, mask path), got "
+                         f"{type(rows).__name__} of shape {np.shape(rows)}") from None
 
 
 def write_flist(rows, out_dir, name: str) -> Path:
@@ -96,18 +108,6 @@ def write_flist(rows, out_dir, name: str) -> Path:
     with atomic_output(path) as stream:
         np.save(stream, array, allow_pickle=False)
     return path
-
-
-def resolve_rows(rows, base_dir) -> np.ndarray:
-    """Rows with relative paths joined onto `base_dir`; absolute paths and empty mask paths are kept."""
-    base = Path(base_dir)
-
-    def resolve(value: str) -> str:
-        if value == "" or os.path.isabs(value):
-            return value
-        return str(base / value)
-
-    return as_rows((resolve(image), resolve(mask)) for image, mask in as_rows(rows))
 
 
 def relative_rows(rows, base_dir) -> np.ndarray:
@@ -127,16 +127,33 @@ def mask_values(path, kind: str = "binary") -> np.ndarray:
 
     `binary`: the official reading (first channel of OpenCV's BGR order, i.e. blue; grey for grey masks).
     `inverted`: the same with 0 = forged (NIST16). `columbia_edge`: Columbia's colour edge map, where the spliced
-    region is green (G > 120 and G > R); returned as 0/255.
+    region is green (G > 120 and G > R). `nonzero`: any value above 0 is forged (0/1 masks). `colour`: any colour
+    channel above 127 is forged (a mask drawn in red, green or any colour on black). `alpha`: the opaque part
+    (alpha > 127) is forged. The last four come back as 0/255.
     """
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind '{kind}', expected one of {MASK_KINDS}")
-    rgb = read_image(path)
+    return _kind_values(read_mask_pixels(path), kind, path)
+
+
+def _kind_values(pixels: MaskPixels, kind: str, path) -> np.ndarray:
+    rgb = pixels.rgb
+    if kind == "binary":
+        return rgb[:, :, 2]
+    if kind == "inverted":
+        return 255 - rgb[:, :, 2]
     if kind == "columbia_edge":
         red, green = rgb[:, :, 0], rgb[:, :, 1]
-        return np.where((green > COLUMBIA_GREEN_THRESHOLD) & (green > red), 255, 0).astype(np.uint8)
-    blue = rgb[:, :, 2]
-    return 255 - blue if kind == "inverted" else blue
+        forged = (green > COLUMBIA_GREEN_THRESHOLD) & (green > red)
+    elif kind == "nonzero":
+        forged = rgb.max(axis=2) > 0
+    elif kind == "colour":
+        forged = rgb.max(axis=2) > MASK_THRESHOLD
+    else:
+        if pixels.alpha is None:
+            raise ImageReadError(path, "has no alpha channel (mask convention 'alpha')")
+        forged = pixels.alpha > MASK_THRESHOLD
+    return np.where(forged, 255, 0).astype(np.uint8)
 
 
 def write_binary_mask(values: np.ndarray, path) -> Path:
@@ -217,10 +234,12 @@ def check_rows(
 ) -> CheckReport:
     """Check every row of a list and return a report.
 
-    Errors (the row is bad): image or mask missing or unreadable (corrupt, truncated), image/mask size mismatch,
-    an empty mask (no forged pixel) on a tampered row, an all-forged mask. Warnings: a mask that is not binary
-    (more than 1 % of its pixels outside [0, 10] ∪ [245, 255]; JPEG ringing and a few stray values stay under
-    that), a mask that is mostly forged (> 50 %, probably inverted).
+    Errors (the row is bad): image or mask missing, not a regular file or unreadable (corrupt, truncated, a header
+    claiming more than `datasets.io.max_image_pixels()`), image/mask size mismatch, a `binary` mask the mask rule
+    would misread (a 0/1 mask, a mask drawn in colour or carried by transparency: the detail names the mask kind
+    that converts it), an empty mask (no forged pixel) on a tampered row, an all-forged mask. Warnings: a mask that
+    is not binary (more than 1 % of its pixels outside [0, 10] ∪ [245, 255]; JPEG ringing and a few stray values
+    stay under that), a mask that is mostly forged (> 50 %, probably inverted).
 
     Masks are decoded fully (their values are needed). Images: `check_images="header"` reads the size from the
     header and checks that the file is complete cheaply (JPEG ends with FFD9, PNG with its IEND chunk, TIFF
@@ -233,6 +252,9 @@ def check_rows(
     kinds = list(mask_kinds) if mask_kinds is not None else ["binary"] * len(rows)
     if len(kinds) != len(rows):
         raise ValueError(f"{len(kinds)} mask kinds given for {len(rows)} rows")
+    unknown = sorted(set(kinds) - set(MASK_KINDS))
+    if unknown:
+        raise ValueError(f"unknown mask kind(s) {unknown}, expected one of {MASK_KINDS}")
     report = CheckReport(rows=rows)
     for index in tqdm(range(len(rows)), desc="checking", unit="row", disable=not progress):
         image, mask = rows[index]
@@ -247,14 +269,21 @@ def _check_row(index: int, image: str, mask: str, kind: str, check_images: str) 
         return problems
     if not os.path.exists(mask):
         return problems + [Problem(ERROR, "mask missing", mask, "no such file", index)]
+    special = not_a_regular_file(mask)
+    if special is not None:
+        return problems + [Problem(ERROR, "not a regular file", mask, special, index)]
     try:
-        values = mask_values(mask, kind)
+        pixels = read_mask_pixels(mask)
+        values = _kind_values(pixels, kind, mask)
     except ImageReadError as error:
         return problems + [Problem(ERROR, "mask unreadable", mask, error.problem, index)]
     if image_shape is not None and values.shape != image_shape:
         problems.append(Problem(ERROR, "size mismatch", mask,
                                 f"mask {values.shape[0]}x{values.shape[1]}, "
                                 f"image {image_shape[0]}x{image_shape[1]}", index))
+    convention = mask_convention_problem(pixels) if kind == "binary" else None
+    if convention is not None:
+        return problems + [Problem(ERROR, "mask in another convention", mask, convention, index)]
     problems.extend(_mask_value_problems(index, mask, values))
     return problems
 
@@ -282,6 +311,10 @@ def _check_image(image: str, check_images: str, index: int, problems: list) -> t
     """Append the image's problems; return its (H, W) when it is usable."""
     if not os.path.exists(image):
         problems.append(Problem(ERROR, "image missing", image, "no such file", index))
+        return None
+    special = not_a_regular_file(image)
+    if special is not None:
+        problems.append(Problem(ERROR, "not a regular file", image, special, index))
         return None
     try:
         if check_images == "header":
@@ -322,3 +355,20 @@ def _tiff_data_inside(path: str, size: int) -> bool:
     if not offsets or not counts or len(offsets) != len(counts):
         return False
     return max(offset + count for offset, count in zip(offsets, counts)) <= size
+
+
+def convert_masks(rows: np.ndarray, kinds: list[str], folder: Path) -> np.ndarray:
+    """Write converted masks as 0/255 PNGs named by image stem; return rows pointing at them."""
+    converted = []
+    written: dict[Path, str] = {}
+    for (image, mask), kind in zip(rows, kinds):
+        if kind != "binary" and mask != "":
+            target = folder / f"{Path(image).stem}.png"
+            if target in written:
+                raise FileListError(f"two images convert to the same mask '{target}': '{written[target]}' and "
+                                    f"'{image}'")
+            written[target] = image
+            mask = str(write_binary_mask(mask_values(mask, kind), target).absolute())
+        converted.append((image, mask))
+    # A new array: the converted paths may be longer than the fixed-width strings of `rows`.
+    return as_rows(converted)

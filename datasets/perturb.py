@@ -1,4 +1,4 @@
-"""Robustness distortions (METRICS.md): pure functions of an RGB uint8 image and a level.
+"""Robustness distortions (docs/METRICS.md): pure functions of an RGB uint8 image and a level.
 
 They are applied to a test image before anything else; the ground truth is never touched.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-# The METRICS.md robustness grid as data: (name, levels). "osn" has a single, fixed level.
+# The docs/METRICS.md robustness grid as data: (name, levels). "osn" has a single, fixed level.
 ROBUSTNESS_GRID: list[tuple[str, tuple]] = [
     ("jpeg", (100, 90, 80, 70, 60, 50)),
     ("resize", (0.75, 0.5, 0.25)),

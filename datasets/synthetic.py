@@ -7,30 +7,21 @@ re-noised, a removed region is inpainted (smooth, noiseless): local traces a sma
 Everything is drawn from `numpy.random.default_rng([seed, i])` per image, so a seed fixes every byte.
 
 Images are written as lossless PNG (the traces survive), masks as 0/255 PNG, and the file list as
-`<out>/<name>_<N>.npy` (authentic rows have an empty mask path). Command line:
-`python -m datasets.synthetic --out DIR --num 200 --size 256 --seed 0 [--sources DIR] [--name NAME] [--shapes 0]`.
+`<out>/<name>_<N>.npy` (authentic rows have an empty mask path). Command line: `generate_flist.py --synthetic N`.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as `python datasets/synthetic.py`: import from the repo root, not from this folder (its io.py would
-    # shadow the standard library's).
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import cv2
 import numpy as np
 
 from datasets.flist import write_flist
-from datasets.io import ImageReadError, read_image
+from datasets.io import IMAGE_EXTENSIONS, ImageReadError, read_image
 from datasets.perturb import jpeg
 from utils.files import write_png
 
 KINDS = ("splice", "copymove", "removal")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 REGION_FRACTION = (0.05, 0.30)  # tampered area as a fraction of the image
 # Extra noise sigma (0-255 scale) a tampered region carries over the host's 1-2.5, at difficulty 0 and 1. At 0 it
 # must be strong: with sigma 8 (behind a JPEG pass for splices) a 1.7 M-parameter model learnt next to nothing in
@@ -227,9 +218,9 @@ def list_sources(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(folder, "sources must be a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ImageReadError(folder, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+        raise ImageReadError(folder, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
     return files
 
 
@@ -275,38 +266,12 @@ def make_synthetic_set(out_dir, num: int, size: int = 256, seed: int = 0, source
     return write_flist(rows, out_dir, name)
 
 
-def _shape_range(text: str) -> tuple[int, int]:
+def parse_shape_range(text: str) -> tuple[int, int]:
+    """`N` or `FEWEST,MOST` (non-negative, FEWEST <= MOST) as (fewest, most)."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values) < 0 or values[0] > values[-1]:
-        raise argparse.ArgumentTypeError(f"expected N or FEWEST,MOST (non-negative integers), got {text!r}")
+        raise ValueError(f"expected N or FEWEST,MOST (non-negative integers), got {text!r}")
     return values[0], values[-1]
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic forgery set (images, masks, file list).")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num", type=int, default=200, help="number of images")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sources", default=None, help="folder of authentic photos (default: procedural scenes)")
-    parser.add_argument("--name", default="synthetic", help="file-list name: <out>/<name>_<N>.npy")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    parser.add_argument("--authentic-fraction", type=float, default=0.25)
-    parser.add_argument("--difficulty", type=float, default=0.25,
-                        help="0 = glaring noise/JPEG mismatch, 1 = subtle")
-    parser.add_argument("--shapes", type=_shape_range, default=SCENE_SHAPES, metavar="N or FEWEST,MOST",
-                        help="flat shapes per procedural scene (default %(default)s; 0 = plain scenes, the easiest "
-                             "to learn from)")
-    args = parser.parse_args(argv)
-    path = make_synthetic_set(args.out, args.num, args.size, args.seed, sources=args.sources,
-                              kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-                              authentic_fraction=args.authentic_fraction, difficulty=args.difficulty,
-                              name=args.name, shapes=args.shapes)
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,63 +1,33 @@
-"""Load official MPC / HRFormer checkpoints and our own into our models, through one explicit key map.
+"""The one owner of this project's checkpoint files: the format tag and version, writing, reading, release copies.
 
-Every load reports what was loaded, missing, unexpected and mis-shaped. A required tensor that is missing or
-mis-shaped is an error (the official loader's silent skip, MPC_SPEC §9.1, cannot happen here).
+Every weights file is read here with ``torch.load(weights_only=True)`` after the registry check of released files, and
+every failure is a ``CheckpointError`` naming the file. Our checkpoints are plain dicts of tensors and primitives:
+``format`` ("mpc-reimpl"), ``version`` (the layout of this dict, ``FORMAT_VERSION``), ``stage``, ``model``
+(state_dict), ``config`` (the resolved YAML, which carries its own ``VERSION``), ``step``, ``best_score`` and, in
+training checkpoints, what a resume needs: ``optimizer``, ``scheduler``, ``scaler``, ``sampler``, ``rng``,
+``skipped_nonfinite``, ``skipped_samples``.
 """
 from __future__ import annotations
 
-import logging
 import pickle
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn as nn
+
+from utils.files import atomic_output, not_a_regular_file
 
 from .errors import CheckpointError
 from .registry import verify_weights
 
-__all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "OUR_FORMAT"]
+__all__ = ["FORMAT_VERSION", "OUR_FORMAT", "RELEASE_KEYS", "CheckpointError", "export_weights", "read_checkpoint",
+           "read_training_checkpoint", "save_checkpoint"]
 
 OUR_FORMAT = "mpc-reimpl"  # value of the "format" key in checkpoints written by this project
-_DDP_PREFIX = "module."
-_PARTS = ("encoder.", "decoder.")
-_PROJECTION_PREFIX = "convs."  # MPC's output projections: absent from ImageNet classification checkpoints
-# Rebuilt from the window size at construction, so a file without it loses nothing.
-_DERIVED_SUFFIXES = ("relative_position_index",)
-_LIST_LIMIT = 20
-log = logging.getLogger(__name__)
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_LIST_LIMIT])
-    more = f", ... ({len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else ""
-    return f"{len(keys)}: {shown}{more}"
-
-
-@dataclass
-class LoadReport:
-    """What ``load_checkpoint`` did: keys are the model's names (``unexpected`` keeps the file's)."""
-
-    source: str
-    source_format: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [f"{self.source} ({self.source_format}): loaded {len(self.loaded)} tensors"]
-        if self.missing:
-            lines.append(f"  missing (kept at initialisation) {_listing(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  unexpected (ignored) {_listing(self.unexpected)}")
-        if self.mismatched:
-            shown = [f"{k} expected {list(e)} found {list(f)}" for k, e, f in self.mismatched]
-            lines.append(f"  mis-shaped (not loaded) {_listing(shown)}")
-        return "\n".join(lines)
-
-    __str__ = summary
+# Layout of our checkpoint dict. 1: the files written before the key existed (read as 1); 2: adds "version" and
+# "skipped_samples". Bump it when a key changes meaning, and teach read_training_checkpoint the older layouts.
+FORMAT_VERSION = 2
+RELEASE_KEYS = ("format", "version", "stage", "model", "config", "step", "best_score")
 
 
 def _weights_only_reason(error: Exception) -> str:
@@ -71,11 +41,55 @@ def _weights_only_reason(error: Exception) -> str:
 def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> object:
     """A weights file's contents, read with ``weights_only=True`` after the registry check (size and SHA-256 of
     released files). ``mmap`` maps the tensors instead of copying them where the format allows (the legacy non-zip
-    format cannot be mapped and is then read normally). Every failure is a ``CheckpointError`` naming the file."""
+    format cannot be mapped and is then read normally). A floating-point tensor holding NaN or infinity refuses the
+    file. Every failure is a ``CheckpointError`` naming the file (and the tensor)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {'file not found' if problem == 'no such file' else problem}")
     verify_weights(path)
+    contents = _load(path, map_location, mmap)
+    _refuse_nonfinite(contents, path)
+    return contents
+
+
+def _floating_tensors(value, name: str = ""):
+    """(dotted name, tensor) of every floating-point tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floating_tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _floating_tensors(item, f"{name}.{index}" if name else str(index))
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(tensor.detach().numpy()).all())  # several times faster than torch.isfinite on CPU
+    return bool(torch.isfinite(tensor).all())
+
+
+def _refuse_nonfinite(contents, path) -> None:
+    """A weights file holding NaN or infinity (a diverged run, a corrupt copy) is refused here, naming the tensor,
+    rather than failing later with an unrelated message. One vectorised pass per tensor."""
+    for name, tensor in _floating_tensors(contents):
+        if _all_finite(tensor):
+            continue
+        n_nan = int(torch.isnan(tensor).sum())
+        n_inf = int(torch.isinf(tensor).sum())
+        found = " and ".join(part for part in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else "")
+                             if part)
+        raise CheckpointError(f"{path}: tensor '{name}' holds {found} value(s) out of {tensor.numel()}; the weights "
+                              "are numerically broken (a diverged run or a damaged copy) and are refused")
+
+
+def _load(path: Path, map_location, mmap: bool) -> object:
     try:
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -93,121 +107,54 @@ def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> object:
         raise CheckpointError(f"{path}: not a PyTorch weights file, or corrupt: {reason}") from error
     except Exception as error:  # torch.load signals truncated/corrupt files with many exception types
         raise CheckpointError(
-            f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]}); the file is truncated, "
+            f"{path}: cannot be read ({type(error).__name__}: {_first_sentence(error)}); the file is truncated, "
             f"corrupt or not a PyTorch checkpoint"
         ) from error
 
 
-def _unwrap(obj: object, source: str) -> tuple[Mapping, str]:
-    """The tensor dict inside a checkpoint and a name for its format."""
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: not a state dict (the file holds a {type(obj).__name__})")
-    if obj.get("format") == OUR_FORMAT:
-        state, kind = obj.get("model"), OUR_FORMAT
-    elif isinstance(obj.get("model"), Mapping):
-        state, kind = obj["model"], "hrformer-imagenet"
-    else:
-        state, kind = obj, "state_dict"
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{source}: holds no state dict ({kind} checkpoint without tensors)")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"{source}: not a state dict: entry {key!r} holds a {type(value).__name__}, not a tensor"
-            )
-    return state, kind
 
 
-def _map_keys(file_keys: list[str], model_keys: list[str]) -> tuple[dict[str, str], str]:
-    """The key map file key -> model key, and a note on the prefix rules applied.
-
-    Rules: drop DDP's ``module.``; add ``encoder.`` to bare backbone keys when the model has an encoder
-    (official stage-1 and ImageNet files into a Stage1/Stage2Model); drop ``encoder.`` when the model is a
-    bare backbone.
-    """
-    notes = []
-    mapping = {}
-    if any(k.startswith(_DDP_PREFIX) for k in file_keys):
-        notes.append("'module.' stripped")
-    stripped = {k: k[len(_DDP_PREFIX) :] if k.startswith(_DDP_PREFIX) else k for k in file_keys}
-    model_has_parts = any(k.startswith(_PARTS) for k in model_keys)
-    file_has_parts = any(k.startswith(_PARTS) for k in stripped.values())
-    for file_key, key in stripped.items():
-        if model_has_parts and not file_has_parts:
-            key = "encoder." + key
-        elif not model_has_parts and key.startswith("encoder."):
-            key = key[len("encoder.") :]
-        mapping[file_key] = key
-    if model_has_parts and not file_has_parts:
-        notes.append("bare backbone keys -> 'encoder.'")
-    elif not model_has_parts and file_has_parts:
-        notes.append("'encoder.' stripped")
-    return mapping, ", ".join(notes)
+def _first_sentence(error: Exception, limit: int = 200) -> str:
+    """The start of an error's text, cut at a sentence end rather than mid-word."""
+    text = " ".join(str(error).split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return (cut[:end + 1] if end > 0 else cut.rsplit(" ", 1)[0]) + " ..."
 
 
-def _required(model_keys: list[str], require: tuple[str, ...] | None, kind: str) -> set[str]:
-    if require is None:
-        required = set(model_keys)
-    else:
-        parts = {k.split(".", 1)[0] for k in model_keys}
-        unknown = set(require) - parts
-        if unknown:
-            raise ValueError(f"require names parts {sorted(unknown)} the model lacks; it has {sorted(parts)}")
-        required = {k for k in model_keys if k.split(".", 1)[0] in require}
-    required = {k for k in required if not k.endswith(_DERIVED_SUFFIXES)}
-    if kind == "hrformer-imagenet":
-        required = {k for k in required if not k.removeprefix("encoder.").startswith(_PROJECTION_PREFIX)}
-    return required
+def save_checkpoint(contents: dict, path) -> Path:
+    """Write one of our checkpoints atomically (a crash leaves the previous file whole), tagged with the format and
+    its version."""
+    tagged = {"format": OUR_FORMAT, "version": FORMAT_VERSION, **contents}
+    with atomic_output(path) as stream:
+        torch.save(tagged, stream)
+    return Path(path)
 
 
-def load_checkpoint(
-    model: nn.Module,
-    path: str | Path | Mapping,
-    require: tuple[str, ...] | None = None,
-    map_location="cpu",
-) -> LoadReport:
-    """Load weights into ``model`` by name and return a ``LoadReport``.
+def is_ours(contents: object) -> bool:
+    return isinstance(contents, dict) and contents.get("format") == OUR_FORMAT
 
-    ``path`` is a file or an already-loaded dict. Accepted: the official stage-2 state_dict
-    (``encoder.*``, ``decoder.classifier.*``), the official stage-1 backbone (bare or ``encoder.``-prefixed),
-    HRFormer's ImageNet ``{"model": ...}`` (partial: the projections ``convs.*`` stay at init), our training
-    checkpoints (``{"format": "mpc-reimpl", "model": ...}``), each optionally with DDP's ``module.`` prefix.
-    ``require`` lists the top-level parts (e.g. ``("encoder",)``) that must be fully set; None = all of them.
-    A required tensor missing or mis-shaped raises ``CheckpointError`` and leaves the model untouched.
-    """
-    if isinstance(path, Mapping):
-        source, obj = "<state dict>", path
-    else:
-        source = str(path)
-        obj = read_checkpoint(path, map_location)
-    state, kind = _unwrap(obj, source)
 
-    model_state = model.state_dict()
-    mapping, notes = _map_keys(list(state), list(model_state))
-    by_model_key = {model_key: state[file_key] for file_key, model_key in mapping.items() if model_key in model_state}
-    report = LoadReport(source, f"{kind}; {notes}" if notes else kind)
-    report.unexpected = [file_key for file_key, model_key in mapping.items() if model_key not in model_state]
-    for key, target in model_state.items():
-        if key not in by_model_key:
-            report.missing.append(key)
-        elif by_model_key[key].shape != target.shape:
-            report.mismatched.append((key, tuple(target.shape), tuple(by_model_key[key].shape)))
-        else:
-            report.loaded.append(key)
+def read_training_checkpoint(path, map_location="cpu") -> dict:
+    """One of our checkpoints, for resuming or exporting; anything else is a ``CheckpointError`` naming the file."""
+    contents = read_checkpoint(path, map_location)
+    if not is_ours(contents):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no format '{OUR_FORMAT}'); to start from "
+                              "other weights use MODEL.IMAGENET_WEIGHTS or MODEL.STAGE1_WEIGHTS")
+    version = int(contents.get("version", 1))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer version of this project (checkpoint format {version}, "
+                              f"this code reads up to {FORMAT_VERSION})")
+    contents.setdefault("version", version)
+    contents.setdefault("skipped_samples", 0)  # format 1 did not keep the count
+    return contents
 
-    required = _required(list(model_state), require, kind)
-    bad_missing = [k for k in report.missing if k in required]
-    bad_shapes = [f"{k} (expected {list(e)}, found {list(f)})" for k, e, f in report.mismatched if k in required]
-    if bad_missing or bad_shapes:
-        problems = []
-        if bad_missing:
-            problems.append(f"required tensors missing {_listing(bad_missing)}")
-        if bad_shapes:
-            problems.append(f"required tensors mis-shaped {_listing(bad_shapes)}")
-        raise CheckpointError(
-            f"{source} ({report.source_format}) does not fit {type(model).__name__}: " + "; ".join(problems)
-        )
 
-    model.load_state_dict({k: by_model_key[k] for k in report.loaded}, strict=False)
-    log.info("%s", report.summary())
-    return report
+def export_weights(checkpoint_path, out_path) -> Path:
+    """A release copy of a training checkpoint: the model, its config, step and score, without the optimiser,
+    scheduler and RNG states a resume needs. It loads wherever the full checkpoint does (test, infer,
+    ``models.load_checkpoint``)."""
+    contents = read_training_checkpoint(checkpoint_path)
+    return save_checkpoint({key: contents[key] for key in RELEASE_KEYS if key in contents}, out_path)

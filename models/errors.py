@@ -1,5 +1,6 @@
 """Errors raised while reading or loading weights."""
+from utils.errors import UserError
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A weights file cannot be used: unreadable, not a state dict, wrong file, or required tensors missing."""

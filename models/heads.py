@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from utils.config import ConfigError
+
 __all__ = ["HEADS", "LocalizationHead", "build_head"]
 
 # Hidden widths of each head. "catnet" is the head of the released CATNet-protocol weights; "casiav2" adds the
-# 128->64 layer of the CASIAv2-protocol weights (MPC_SPEC §4, §9.14).
+# 128->64 layer of the CASIAv2-protocol weights (docs/MPC_SPEC.md §4, §9.14).
 HEADS: dict[str, tuple[int, ...]] = {
     "catnet": (512, 256, 128),
     "casiav2": (512, 256, 128, 64),
@@ -37,5 +39,5 @@ class LocalizationHead(nn.Module):
 
 def build_head(name: str, in_channels: int = 1024) -> LocalizationHead:
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; choose from {sorted(HEADS)}")
+        raise ConfigError(f"unknown head {name!r}; choose from {sorted(HEADS)}")
     return LocalizationHead(in_channels, HEADS[name])

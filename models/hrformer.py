@@ -1,6 +1,6 @@
 """HRFormer (High-Resolution Transformer) backbone with MPC's four 256-channel output projections.
 
-Written from MPC_SPEC §2 and the HRFormer paper. Module and parameter names are an interface: they equal the
+Written from docs/MPC_SPEC.md §2 and the HRFormer paper. Module and parameter names are an interface: they equal the
 official MPC / HRFormer names (``conv1``, ``layer1``, ``transition1``, ``stage2.0.branches.0.0.attn.attn.q_proj``,
 ``convs.0.conv`` ...) so that the released checkpoints load one to one.
 """
@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "Projection", "DropPath", "build_hrformer"]
+from .backbones import register_backbone
+from .layers import Projection
+
+__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "DropPath", "build_hrformer"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,24 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     return delta[0] * (2 * window_size - 1) + delta[1]
 
 
+def window_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √head_dim + bias) v in every window and head.
+
+    q, k, v: (windows, heads, tokens, head_dim); bias: (heads, tokens, tokens). Two routes, equal up to rounding
+    (3e-7 relative in float32, tests/test_fast_paths.py):
+    - no gradient reaches the bias (eval, the frozen stage-2 backbone, inference): PyTorch's fused CPU kernel
+      (scaled_dot_product_attention, the bias as a float mask) takes about half the explicit softmax's time on
+      HRT-B's windows and never holds the windows × heads × tokens² scores (bench/inference.py);
+    - the bias needs a gradient (stage-1 training): no fused kernel of SDPA returns a mask gradient on the CPU, and
+      its fallback runs slower than the explicit softmax while saving the same tensors, so the explicit softmax,
+      in the official order of operations.
+    """
+    if bias.requires_grad:
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+        return torch.softmax(scores, dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))  # the fused kernel takes a 4-D mask
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside one window, with a learned relative position bias.
 
@@ -106,14 +127,17 @@ class WindowAttention(nn.Module):
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(windows, tokens, self.num_heads, head_dim).transpose(1, 2)
 
-        q = split_heads(self.q_proj(x)) * head_dim**-0.5
+        q = split_heads(self.q_proj(x))
         k = split_heads(self.k_proj(x))
         v = split_heads(self.v_proj(x))
+        out = window_softmax_attention(q, k, v, self.relative_position_bias())
+        return self.out_proj(out.transpose(1, 2).reshape(windows, tokens, dim))
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, tokens, tokens): the learned bias of every (query, key) pair of a window."""
+        tokens = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        bias = bias.reshape(tokens, tokens, self.num_heads).permute(2, 0, 1)
-        attn = torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(windows, tokens, dim)
-        return self.out_proj(out)
+        return bias.reshape(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
 
 class PaddedWindowAttention(nn.Module):
@@ -278,19 +302,6 @@ class HighResolutionModule(nn.Module):
         return fused
 
 
-class Projection(nn.Module):
-    """MPC's per-branch output projection: 1x1 conv (no bias), BN (eps 1e-3, momentum 0.03), ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.03)
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
 class HRFormer(nn.Module):
     """HRFormer backbone; ``forward(x)`` returns 4 maps of ``proj_channels`` at strides 4, 8, 16, 32."""
 
@@ -319,7 +330,7 @@ class HRFormer(nn.Module):
         )
 
         # Stochastic depth: linear in depth over block positions; module m of a stage takes the next
-        # blocks_per_branch rates and every branch of that module shares them (MPC_SPEC §2).
+        # blocks_per_branch rates and every branch of that module shares them (docs/MPC_SPEC.md §2).
         per_module = config.blocks_per_branch
         positions = sum(stage.num_modules for stage in config.stages) * per_module
         rates = torch.linspace(0, drop_path_rate, positions).tolist()
@@ -386,3 +397,7 @@ def build_hrformer(name: str, drop_path_rate: float = 0.2) -> HRFormer:
     if name not in HRFORMER_CONFIGS:
         raise ValueError(f"unknown HRFormer config {name!r}; choose from {sorted(HRFORMER_CONFIGS)}")
     return HRFormer(HRFORMER_CONFIGS[name], drop_path_rate)
+
+
+for _name in HRFORMER_CONFIGS:
+    register_backbone(_name, lambda drop_path_rate, name=_name: build_hrformer(name, drop_path_rate))

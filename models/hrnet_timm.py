@@ -5,7 +5,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from .hrformer import Projection
+from .backbones import register_backbone
+from .layers import Projection
 
 __all__ = ["TIMM_HRNETS", "TimmHRNet"]
 
@@ -36,5 +37,14 @@ class TimmHRNet(nn.Module):
         self.convs = nn.ModuleList(Projection(c, proj_channels) for c in self.body.feature_info.channels())
         self.out_channels = [proj_channels] * len(self.convs)
 
+    @property
+    def imagenet_module(self) -> nn.Module:
+        """timm's classification weights are named relative to the timm model, not to this wrapper."""
+        return self.body
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [proj(self.dropout(t)) for proj, t in zip(self.convs, self.body(x))]
+
+
+for _name in TIMM_HRNETS:
+    register_backbone(_name, lambda drop_path_rate, name=_name: TimmHRNet(name, drop_rate=drop_path_rate))

@@ -11,7 +11,6 @@ from .errors import CheckpointError
 __all__ = ["REGISTRY_PATH", "load_registry", "registry_entry_for", "verify_weights"]
 
 REGISTRY_PATH = Path(__file__).resolve().parents[1] / "weights" / "registry.json"
-_CHUNK = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -35,12 +34,9 @@ def registry_entry_for(path: str | Path, registry_path: str | Path | None = None
     return next((entry for entry in load_registry(registry_path) if entry["file"] == name), None)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_of(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_weights(path: str | Path, registry_path: str | Path | None = None) -> dict | None:
@@ -57,7 +53,7 @@ def verify_weights(path: str | Path, registry_path: str | Path | None = None) ->
         log.info("%s: registered as %r but its size/digest are unknown; not verified", path, entry["name"])
         return entry
     found_bytes = path.stat().st_size
-    found_sha = _sha256(path) if found_bytes == expected_bytes else None
+    found_sha = sha256_of(path) if found_bytes == expected_bytes else None
     if found_bytes == expected_bytes and found_sha == expected_sha:
         return entry
     found = f"{found_bytes:,} bytes" + (f" / sha256 {found_sha}" if found_sha else "")

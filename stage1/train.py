@@ -20,11 +20,12 @@ import torch.nn as nn
 
 from losses import multi_view_pixel_contrast
 from models import build_stage1_model
+from utils.entry import run_script
 from utils.training.builders import build_datasets, build_optimizer, prepare_model
 from utils.training.cli import start_run
 from utils.training.engine import StageHooks, Trainer
 from utils.evaluation.loop import evaluate, validation_summary
-from utils.evaluation.kmeans import kmeans_forgery_mask
+from utils.evaluation.kmeans import OFFICIAL_SEED, kmeans_forgery_mask
 
 
 class TwoViews(nn.Module):
@@ -57,11 +58,9 @@ def loss_terms(cfg):
 
 def kmeans_validation(cfg, val_sets, device):
     """Official stage-1 validation: k-means (k = 2, cosine) on the fused normalised features of each image."""
-    generator_seed = 123  # torch_kmeans' default seed in the official run
-
     def validate(model):
         def predict(images):
-            generator = torch.Generator(device="cpu").manual_seed(generator_seed)
+            generator = torch.Generator(device="cpu").manual_seed(OFFICIAL_SEED)
             return kmeans_forgery_mask(model(images), generator=generator).float()
 
         results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}")
@@ -93,4 +92,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,20 +22,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python stage2/infer.py`: make the repository's packages importable first
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets.dataset import ForgeryDataset
-from datasets.io import ImageReadError, read_image
-from utils.evaluation.loop import (CatchReadErrors, UniqueNames, load_trained_model, probability_01,
-                              probability_predictor, single_item, write_csv, write_mask, write_probability)
-from utils.files import write_png
-from utils.evaluation.metrics import upsample_probability
-from utils.runtime import resolve_device
+from datasets.dataset import CatchReadErrors, ForgeryDataset, is_read_error
+from datasets.io import IMAGE_EXTENSIONS, ImageReadError, not_a_regular_file
+from models import load_trained_model
+from utils.entry import run_script
+from utils.evaluation.loop import UniqueNames, escape_text, single_item, write_csv
+from utils.evaluation.prediction import predict_map, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import heatmap_overlay
+from utils.files import write_png
+from utils.interrupt import Interrupted, stop_requests
+from utils.runtime import resolve_device
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm", ".jp2"}
 SCORE_COLUMNS = ("name", "path", "score", "height", "width")
 SCORES_FILE = "scores.csv"
 
@@ -73,6 +73,8 @@ def find_images(specs: list[str], recursive: bool = False) -> list[str]:
         if os.path.isfile(spec):
             found.append(spec)
             continue
+        if os.path.exists(spec) and not os.path.isdir(spec):  # a named pipe, device or socket: never opened
+            raise SystemExit(f"--input {spec}: {not_a_regular_file(spec)}")
         if os.path.isdir(spec):
             candidates = sorted(Path(spec).rglob("*") if recursive else Path(spec).iterdir())
         else:
@@ -100,7 +102,7 @@ class ImagesToLocalise(Dataset):
     def __init__(self, paths: list[str], names: list[str], input_size: int):
         self.rows = [(path, "") for path in paths]  # an empty mask path = no ground truth
         self.names = names
-        self.base = ForgeryDataset(self.rows, mode="test", input_size=input_size)
+        self.base = ForgeryDataset(self.rows, mode="test", input_size=input_size, keep_original=True)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,7 +110,6 @@ class ImagesToLocalise(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.base[index]
         del item["mask"]  # all-zero stand-in for the missing ground truth
-        item["original"] = read_image(item["path"])
         item["name"] = self.names[index]
         return item
 
@@ -121,28 +122,28 @@ def read_scores(path: Path) -> dict[str, dict]:
         return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
 
 
-def localise(model, dataset, out: Path, device, args) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+def localise(model, dataset, out: Path, device, args, stop) -> tuple[dict[str, dict], list[tuple[str, str]], bool]:
+    """Outputs of every readable image; (scores by name, failures, whether `stop()` ended it early)."""
     predict = probability_predictor(model)
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_item)
     scores, failures = {}, []
     for item in tqdm(loader, desc="localising", disable=args.no_progress, dynamic_ncols=True):
-        if "error" in item:
-            failures.append((item["path"], str(ImageReadError(item["bad_file"], item["error"]))))
+        if stop():
+            return scores, failures, True
+        if is_read_error(item):
+            failures.append((item["bad_file"], str(ImageReadError(item["bad_file"], item["error"]))))
             continue
         original = item["original"]
-        with torch.inference_mode():
-            prob = predict(item["image"].unsqueeze(0).to(device))[0].float().cpu()
-        prob_255 = upsample_probability(prob, original.shape[:2])
-        prob_01 = probability_01(prob_255)
+        prediction = predict_map(predict, item["image"], original.shape[:2], device)
         paths = output_paths(out, item["name"], args.save_prob)
-        write_mask(paths["mask"], prob_255)
-        write_png(paths["heatmap"], heatmap_overlay(original, prob_01, args.alpha))
+        write_mask(paths["mask"], prediction)
+        write_png(paths["heatmap"], heatmap_overlay(original, prediction.probability(), args.alpha))
         if args.save_prob:
-            write_probability(paths["prob"], prob_255)
-        scores[item["name"]] = {"name": item["name"], "path": item["path"], "score": float(prob_01.max()),
+            write_probability(paths["prob"], prediction)
+        scores[item["name"]] = {"name": item["name"], "path": item["path"], "score": prediction.score,
                                 "height": original.shape[0], "width": original.shape[1]}
-    return scores, failures
+    return scores, failures, False
 
 
 def main(argv=None) -> dict:
@@ -160,24 +161,33 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
-    args.input_size = trained.input_size(args.input_size)
+    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size)})  # a copy
     out.mkdir(parents=True, exist_ok=True)
-    scores, failures = {}, []
+    scores, failures, stopped = {}, [], False
     if todo:
         dataset = ImagesToLocalise([p for p, _ in todo], [n for _, n in todo], args.input_size)
-        scores, failures = localise(trained.model, dataset, out, device, args)
+        with stop_requests() as stop:
+            scores, failures, stopped = localise(trained.model, dataset, out, device, args, stop)
 
     previous = read_scores(out / SCORES_FILE)
     rows = [scores.get(name) or previous[name] for name in names if name in scores or name in previous]
     write_csv(out / SCORES_FILE, rows, SCORE_COLUMNS)
     for path, problem in failures:
-        print(f"failed: {problem}", file=sys.stderr)
-    failed_note = f": {', '.join(os.path.basename(p) for p, _ in failures)}" if failures else ""
+        print(f"failed: {escape_text(problem)}", file=sys.stderr)
+    if stopped:
+        raise Interrupted(f"interrupted after {len(scores)} of {len(todo)} images: their outputs and scores are in "
+                          f"{out}; run the same command with --skip-existing to do the rest")
+    failed_note = f": {', '.join(escape_text(os.path.basename(p)) for p, _ in failures)}" if failures else ""
     print(f"{len(paths)} images: {len(scores)} processed, {len(skipped)} skipped (outputs exist), "
-          f"{len(failures)} failed{failed_note}; results in {out}")
+          f"{len(failures)} failed{failed_note}; results in {escape_text(str(out))}")
     return {"processed": list(scores), "skipped": skipped, "failed": failures}
 
 
+def command(argv: list[str]) -> int:
+    """Exit status 0 when at least one image was processed (or already was)."""
+    summary = main(argv)
+    return 0 if summary["processed"] or summary["skipped"] else 1
+
+
 if __name__ == "__main__":
-    summary = main()
-    sys.exit(0 if summary["processed"] or summary["skipped"] else 1)
+    run_script(command)

@@ -1,4 +1,4 @@
-"""Stage 2: score trained weights on test file lists with the MPC protocol and every named variant (METRICS.md).
+"""Stage 2: score trained weights on test file lists with the MPC protocol and every named variant (docs/METRICS.md).
 
     python stage2/test.py --weights runs/stage2/best.pth --out results/test
     python stage2/test.py --weights MPC_CATNet_stage2_weights.pth --flist flist/CASIAv1_920.npy --out res --save-masks
@@ -28,20 +28,23 @@ from datasets.dataset import ForgeryDataset
 from datasets.flist import read_flist
 from datasets.io import ImageReadError
 from datasets.perturb import ROBUSTNESS_GRID, make_perturbation, parse_perturbations
-from utils.training.builders import list_name
-from utils.files import atomic_write_text
+from models import load_trained_model
 from utils.config import get_default_config, load_config
-from utils.evaluation.loop import (PER_IMAGE_COLUMNS, UniqueNames, environment, evaluate, json_safe,
-                              load_trained_model, probability_predictor, sha256_of, write_csv, write_mask,
-                              write_probability)
-from utils.runtime import resolve_device
+from utils.entry import run_script
+from models.registry import sha256_of
+from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, environment, evaluate, json_safe,
+                                   write_csv)
+from utils.evaluation.metrics import DATASET_METRICS
+from utils.evaluation.prediction import probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import plot_robustness
+from utils.files import atomic_write_text
+from utils.interrupt import Interrupted, stop_requests
+from utils.runtime import resolve_device
+from utils.training.builders import list_name
 
 PROTOCOL = ("MPC: squash-resize to INPUT_SIZE, /255, sigmoid at 1/4, x255 bilinear (cv2) to the GT size, > 127; "
             "pixel metrics on tampered images, per-image mean")
-# Dataset metrics in table order: the primary MPC numbers first, then the variants, then image level.
-METRIC_COLUMNS = ("f1_fixed", "iou", "f1_best", "f1_permuted", "f1_pooled", "auc_mean", "auc_pooled",
-                  "img_auc", "img_f1", "img_bacc")
+METRIC_COLUMNS = DATASET_METRICS  # the primary MPC numbers first, then the variants, then image level
 ROBUSTNESS_COLUMNS = ("dataset", "distortion", "level") + METRIC_COLUMNS
 PLOTTED_METRICS = ("f1_fixed", "iou")
 CHAIN_LEVEL = "x0.5+jpeg75"  # the fixed-level social-network chain, named on the plot's axis
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the binary masks (0/255 PNG, original size) to OUT/<list>/masks/")
     parser.add_argument("--save-prob", action="store_true",
                         help="write the probability maps (float32 .npy in [0, 1], original size) to OUT/<list>/prob/")
-    parser.add_argument("--robustness", action="store_true", help="also run the METRICS.md distortion grid")
+    parser.add_argument("--robustness", action="store_true", help="also run the docs/METRICS.md distortion grid")
     parser.add_argument("--perturb", default=None, metavar="SPEC",
                         help="also run these distortions, e.g. jpeg:70,resize:0.5,blur:7,noise:11,osn")
     parser.add_argument("--baselines", action="store_true",
@@ -91,16 +94,17 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
                          "--overwrite (files are then replaced one by one, each atomically)")
 
 
-def settings_config(args, trained):
-    """Where DATA.TEST_LISTS and TEST.NUM_WORKERS come from: --config, else our checkpoint's config, else defaults."""
-    if args.config:
-        return load_config(args.config)
+def settings_config(config, trained):
+    """Where DATA.TEST_LISTS and TEST.NUM_WORKERS come from: --config (loaded), else our checkpoint's config, else
+    defaults."""
+    if config is not None:
+        return config
     return trained.config if trained.config is not None else get_default_config()
 
 
-def resolve_lists(args, trained) -> dict[str, str]:
+def resolve_lists(args, config, trained) -> dict[str, str]:
     """{dataset name: file list path}; names are the lists' file stems, made unique."""
-    paths = args.flist or settings_config(args, trained).DATA.TEST_LISTS
+    paths = args.flist or settings_config(config, trained).DATA.TEST_LISTS
     if not paths:
         raise SystemExit("no test lists: pass --flist or set DATA.TEST_LISTS in --config")
     names = UniqueNames()
@@ -128,13 +132,13 @@ def output_saver(folder: Path, save_masks: bool, save_prob: bool):
     if save_prob:
         (folder / "prob").mkdir(parents=True, exist_ok=True)
 
-    def on_image(item, prob_255):
+    def on_image(item, prediction):
         name = namer.for_image(item["path"])
         names.append(name)
         if save_masks:
-            write_mask(folder / "masks" / f"{name}.png", prob_255)
+            write_mask(folder / "masks" / f"{name}.png", prediction)
         if save_prob:
-            write_probability(folder / "prob" / f"{name}.npy", prob_255)
+            write_probability(folder / "prob" / f"{name}.npy", prediction)
     return on_image, names
 
 
@@ -229,58 +233,89 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     check_out_folder(out, args.overwrite)
+    # Loaded first, so that a bad --config is refused at once even when --flist and --num-workers leave it unused.
+    config = load_config(args.config) if args.config else None
     perturbations = perturbations_from(args)
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
-    args.input_size = trained.input_size(args.input_size)
-    lists = resolve_lists(args, trained)
+    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size)})  # a copy
+    lists = resolve_lists(args, config, trained)
     datasets_rows = {name: read_flist(path) for name, path in lists.items()}
-    num_workers = args.num_workers if args.num_workers is not None else settings_config(args, trained).TEST.NUM_WORKERS
+    num_workers = (args.num_workers if args.num_workers is not None
+                   else settings_config(config, trained).TEST.NUM_WORKERS)
 
     out.mkdir(parents=True, exist_ok=True)
     save_settings(out, args, argv, trained, lists, device, num_workers, perturbations)
     predict = probability_predictor(trained.model)
     results, summary = {}, []
-    for name, rows in datasets_rows.items():
-        on_image, names = output_saver(out / name, args.save_masks, args.save_prob)
-        dataset = ForgeryDataset(rows, mode="test", input_size=args.input_size)
-        try:
-            result = evaluate(predict, dataset, device, num_workers=num_workers, desc=name,
-                              progress=not args.no_progress, on_image=on_image, skip_bad=args.skip_bad)
-        except ImageReadError as error:
-            raise SystemExit(f"{error} (listed in {lists[name]}); pass --skip-bad to skip unreadable images and "
-                             "count them instead") from None
-        for row, image_name in zip(result["per_image"], names):
-            row["name"] = image_name
-        write_csv(out / name / "per_image.csv", result["per_image"], PER_IMAGE_COLUMNS)
-        for _, problem in result["skipped"]:
-            print(f"skipped: {problem}", file=sys.stderr)
-        results[name] = {key: value for key, value in result.items() if key != "per_image"}
-        results[name]["list"] = lists[name]
-        summary.append(summary_row(name, result))
-        if args.baselines:
-            for label, constant in (("all-forged", 1.0), ("all-authentic", 0.0)):
-                baseline = evaluate(constant_predictor(constant), dataset, device, num_workers=num_workers,
-                                    desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad)
-                results[name][label] = {k: v for k, v in baseline.items() if k != "per_image"}
-                summary.append(summary_row(f"{name} {label}", baseline))
-
+    with stop_requests() as stop:
+        for name, rows in datasets_rows.items():
+            result = score_list(predict, name, rows, lists[name], out, args, device, num_workers, stop)
+            results[name], table_rows = list_results(name, result, lists[name], rows, args, device, num_workers)
+            summary += table_rows
     report = {"protocol": PROTOCOL, "weights": os.path.abspath(args.weights), "datasets": results}
+    robustness = None
     if perturbations:
         robustness = run_robustness(predict, datasets_rows, results, perturbations, args, device, num_workers)
+    write_report(out, report, summary, robustness)
+    return report
+
+
+def score_list(predict, name, rows, list_path, out, args, device, num_workers, stop) -> dict:
+    """Score one list, writing its per-image CSV (also for the images done when stopped) and masks."""
+    on_image, names = output_saver(out / name, args.save_masks, args.save_prob)
+    dataset = ForgeryDataset(rows, mode="test", input_size=args.input_size)
+    csv_path = out / name / "per_image.csv"
+    try:
+        result = evaluate(predict, dataset, device, num_workers=num_workers, desc=name,
+                          progress=not args.no_progress, on_image=on_image, skip_bad=args.skip_bad, stop=stop)
+    except ImageReadError as error:
+        raise ImageReadError(error.path, f"{error.problem} (listed in {list_path}); pass --skip-bad to skip "
+                                         "unreadable images and count them instead") from None
+    except EvaluationStopped as stopped:
+        for row, image_name in zip(stopped.rows, names):
+            row["name"] = image_name
+        write_csv(csv_path, stopped.rows, PER_IMAGE_COLUMNS)
+        raise Interrupted(f"interrupted in {name} after {len(stopped.rows)} of {len(rows)} images: their per-image "
+                          f"results are in {csv_path}; no metrics.json was written") from None
+    for row, image_name in zip(result["per_image"], names):
+        row["name"] = image_name
+    write_csv(csv_path, result["per_image"], PER_IMAGE_COLUMNS)
+    return result
+
+
+def list_results(name, result, list_path, rows, args, device, num_workers) -> tuple[dict, list[dict]]:
+    """A list's entry of metrics.json and its table rows (with the trivial baselines when asked)."""
+    for _, problem in result["skipped"]:
+        print(f"skipped: {problem}", file=sys.stderr)
+    entry = {key: value for key, value in result.items() if key != "per_image"}
+    entry["list"] = list_path
+    table_rows = [summary_row(name, result)]
+    if args.baselines:
+        dataset = ForgeryDataset(rows, mode="test", input_size=args.input_size)
+        for label, constant in (("all-forged", 1.0), ("all-authentic", 0.0)):
+            baseline = evaluate(constant_predictor(constant), dataset, device, num_workers=num_workers,
+                                desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad)
+            entry[label] = {k: v for k, v in baseline.items() if k != "per_image"}
+            table_rows.append(summary_row(f"{name} {label}", baseline))
+    return entry, table_rows
+
+
+def write_report(out: Path, report: dict, summary: list[dict], robustness: list[dict] | None) -> None:
+    """metrics.json, table.txt (printed too) and, with distortions, robustness.csv and its plot."""
+    if robustness:
         write_csv(out / "robustness.csv", robustness, ROBUSTNESS_COLUMNS)
         plot_robustness(plot_rows(robustness), out / "robustness.png")
         report["robustness"] = robustness
     atomic_write_text(str(out / "metrics.json"), json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     table = format_table(summary, ("dataset", "tampered", "authentic", "skipped") + METRIC_COLUMNS)
-    if perturbations:
+    if robustness:
         shown = [{**row, "level": None if row["level"] is None else f"{row['level']:g}"} for row in robustness]
         table += "\n\n" + format_table(shown, ROBUSTNESS_COLUMNS)
     atomic_write_text(str(out / "table.txt"), table + "\n")
     print(table)
     print(f"results in {out}")
-    return report
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

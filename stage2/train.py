@@ -1,9 +1,9 @@
 """Stage 2: train the localization head on the frozen stage-1 backbone.
 
 The backbone comes from MODEL.STAGE1_WEIGHTS through `models.load_checkpoint`; a backbone left partly unset is an
-error (the official hand-off silently trains on a random backbone, MPC_SPEC §9.1). By default the backbone is truly
-frozen (eval mode, no gradients); STAGE2.FAITHFUL_TRAIN_MODE True reproduces the official run, whose backbone stays
-in train mode (BN statistics drift, DropPath on, §9.3). Focal loss (or BCE), AdamW on the head, cosine annealing
+error (the official hand-off silently trains on a random backbone, docs/MPC_SPEC.md §9.1). By default the backbone
+is truly frozen (eval mode, no gradients); STAGE2.FAITHFUL_TRAIN_MODE True reproduces the official run, whose
+backbone stays in train mode (BN statistics drift, DropPath on, §9.3). Focal loss (or BCE), AdamW on the head, cosine annealing
 stepped per validation, model selection by mean F1/IoU (MPC protocol).
 
     python stage2/train.py --config configs/stage2_hrt_base.yaml --out runs/stage2 MODEL.STAGE1_WEIGHTS runs/stage1/best.pth
@@ -17,14 +17,15 @@ if __package__ in (None, ""):  # `python stage2/train.py`: make the repository's
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 
 from losses import build_head_loss
 from models import build_stage2_model, load_checkpoint
+from utils.entry import run_script
 from utils.training.builders import build_datasets, build_optimizer, prepare_model
 from utils.training.cli import start_run
 from utils.training.engine import StageHooks, Trainer
 from utils.evaluation.loop import evaluate, validation_summary
+from utils.evaluation.prediction import probability_predictor
 from utils.evaluation.visualize import prediction_grid
 
 PREVIEW_IMAGES = 4  # validation predictions drawn into TensorBoard and OUT/previews/
@@ -51,14 +52,12 @@ def head_validation(cfg, val_sets, device):
     def validate(model):
         previews = []
 
-        def predict(images):
-            return torch.sigmoid(model(images))[:, 0]
-
-        def keep_preview(item, prob_255):
+        def keep_preview(item, prediction):
             if len(previews) < PREVIEW_IMAGES:
                 image = (item["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-                previews.append((image, item["mask"].numpy() > 0.5, prob_255 / 255.0))
+                previews.append((image, item["mask"].numpy() > 0.5, prediction.probability()))
 
+        predict = probability_predictor(model)
         results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}",
                                   on_image=keep_preview)
                    for name, dataset in val_sets.items()}
@@ -97,4 +96,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

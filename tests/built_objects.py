@@ -72,7 +72,7 @@ def training_dataset(run: Trainer):
 
 
 def norm_kind(name: str) -> str:
-    """The kind of a normalisation layer, from its qualified name in a stage-1 or stage-2 model (MPC_SPEC §2, §4)."""
+    """The kind of a normalisation layer, from its qualified name in a stage-1 or stage-2 model (docs/MPC_SPEC.md §2, §4)."""
     if name.startswith("decoder."):
         return "head"
     name = name.removeprefix("encoder.")

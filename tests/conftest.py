@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two worker processes on a two-core machine
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

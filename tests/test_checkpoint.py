@@ -263,3 +263,81 @@ def test_build_stage1_model_loads_timm_imagenet_weights(tmp_path):
     model = models.build_stage1_model("hrnet_w18", pretrained_path=path)
     key = "stage4.0.branches.0.0.conv1.weight"
     assert torch.equal(model.encoder.body.state_dict()[key], classifier.state_dict()[key])
+
+
+# ---- derived buffers: relative_position_index is rebuilt from the window size, never taken on trust ----------------
+
+DERIVED = "relative_position_index"
+
+
+def _index_by_definition(window: int) -> torch.Tensor:
+    """For a w×w window, index[i, j] = (dy + w - 1)(2w - 1) + (dx + w - 1), with (dy, dx) = position i - position j
+    (positions numbered row by row): one bias-table row per relative offset."""
+    tokens = window * window
+    index = torch.empty(tokens, tokens, dtype=torch.int64)
+    for i in range(tokens):
+        for j in range(tokens):
+            dy, dx = i // window - j // window, i % window - j % window
+            index[i, j] = (dy + window - 1) * (2 * window - 1) + (dx + window - 1)
+    return index
+
+
+def _window_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """State-dict key of every window attention's index -> its window size."""
+    return {f"{name}.{DERIVED}": module.window_size for name, module in model.named_modules()
+            if hasattr(module, DERIVED)}
+
+
+def test_relative_position_index_construction_matches_its_definition():
+    for window in (1, 2, 3, 7):
+        assert torch.equal(models.hrformer.relative_position_index(window), _index_by_definition(window)), window
+
+
+@pytest.mark.parametrize("layout", ["official stage 2", "stage-1 backbone"])
+def test_file_without_derived_buffers_loads_and_reports_them_rebuilt(source, image, layout):
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith(DERIVED)}
+    if layout == "stage-1 backbone":  # bare backbone keys, as the official stage-1 files
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        model, reference = _fresh_stage1(), source.encoder
+    else:
+        model, reference = _fresh_stage2(), source
+    report = load_checkpoint(model, state)
+    windows = _window_sizes(model)
+    assert len(windows) == 18  # every window attention of hrt_nano
+    assert (report.missing, report.unexpected, report.mismatched) == ([], [], [])
+    assert sorted(report.rebuilt) == sorted(windows)
+    assert not set(report.rebuilt) & set(report.loaded)
+    summary = report.summary()
+    assert "rebuilt" in summary and "missing" not in summary and next(iter(windows)) in summary
+    for key, window in windows.items():
+        assert torch.equal(model.state_dict()[key], _index_by_definition(window)), key
+    with torch.no_grad():
+        ours = model.eval()(image)
+        expected = reference(image) if layout == "official stage 2" else [
+            torch.nn.functional.normalize(m, dim=1) for m in reference(image)]
+    if layout == "official stage 2":
+        assert torch.equal(ours, expected)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_file_with_the_constructed_derived_buffers_loads_them(source, dtype):
+    state = {k: v.to(dtype) if k.endswith(DERIVED) else v for k, v in source.state_dict().items()}
+    report = load_checkpoint(_fresh_stage2(), state)
+    assert report.rebuilt == [] and report.missing == []
+    assert set(_window_sizes(source)) <= set(report.loaded)
+
+
+def test_file_whose_relative_position_index_differs_is_refused(source):
+    """A different index means a file from code with another layout: its bias table is indexed by that index, so
+    neither keeping ours nor taking it is safe. The load is refused and the model left untouched."""
+    state = dict(source.state_dict())
+    key = next(iter(_window_sizes(source)))
+    state[key] = state[key].t().contiguous()  # the offsets with the opposite sign: same shape, same values, other places
+    model = _fresh_stage2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="derived buffers differ") as error:
+        load_checkpoint(model, state)
+    assert key in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.dataset import ForgeryDataset, collate_skip_bad, collate_test, seed_worker
+from datasets.dataset import CatchReadErrors, ForgeryDataset, collate_readable
+from utils.training.sampling import ResumableSampler, SeededItems
 from datasets.io import ImageReadError
 from datasets.mixture import RepeatedRows, build_training_rows, split_holdout
 
@@ -130,27 +131,17 @@ def test_mask_size_mismatch_names_both_files(tmp_path, pair, mode):
     assert "small_mask.png" in str(error.value) and "image.png" in str(error.value)
 
 
-def test_skip_bad_returns_none_and_the_collates_count_it(tmp_path, pair):
+def test_unreadable_items_are_collected_by_file_and_the_readable_ones_collated(tmp_path, pair):
     _, _, image_path, mask_path = pair
     bad = str(tmp_path / "missing.png")
-    dataset = ForgeryDataset([(image_path, mask_path), (bad, ""), (image_path, "")], mode="train",
-                             input_size=SIZE, augment=False, skip_bad=True)
-    with pytest.warns(UserWarning, match="missing.png"):
-        batch = [dataset[i] for i in range(3)]
-    assert batch[1] is None and dataset.skipped == [(bad, "no such file")]
-    collated = collate_skip_bad(batch)
-    assert collated["n_skipped"] == 1 and collated["image"].shape == (2, 3, SIZE, SIZE)
-    assert collate_skip_bad([None, None]) == {"n_skipped": 2}
-
-
-def test_collate_test_keeps_masks_of_different_sizes(tmp_path):
-    rows = [(write_rgb(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8)), ""),
-            (write_rgb(tmp_path / "b.png", np.zeros((31, 17, 3), np.uint8)), "")]
-    dataset = ForgeryDataset(rows, mode="test", input_size=SIZE)
-    batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=collate_test)))
-    assert batch["image"].shape == (2, 3, SIZE, SIZE) and batch["n_skipped"] == 0
-    assert [m.shape for m in batch["mask"]] == [(1, 20, 30), (1, 31, 17)]
-    assert batch["size"].tolist() == [[20, 30], [31, 17]] and batch["path"] == [rows[0][0], rows[1][0]]
+    dataset = CatchReadErrors(ForgeryDataset([(image_path, mask_path), (bad, ""), (image_path, "")], mode="train",
+                                             input_size=SIZE, augment=False))
+    collated = collate_readable([dataset[i] for i in range(3)])
+    assert collated["bad_items"] == [(bad, "no such file")]
+    assert collated["image"].shape == (2, 3, SIZE, SIZE) and collated["tampered"].tolist() == [True, False]
+    assert collate_readable([dataset[1], dataset[1]]) == {"bad_items": [(bad, "no such file")] * 2}
+    with pytest.raises(ImageReadError, match="missing.png"):
+        dataset.dataset[1]
 
 
 def test_perturb_touches_the_image_only(pair):
@@ -171,9 +162,9 @@ def test_bad_arguments_are_refused(pair):
 
 
 def _epoch(dataset, workers, seed):
-    torch.manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=2, num_workers=workers, worker_init_fn=seed_worker,
-                        collate_fn=collate_skip_bad)
+    """One epoch as the trainer loads it: per-item seeds from the sampler, whatever the number of workers."""
+    loader = DataLoader(SeededItems(dataset), batch_size=2, num_workers=workers, collate_fn=collate_readable,
+                        sampler=ResumableSampler(len(dataset), 2, seed=seed))
     return [batch["image"] for batch in loader]
 
 

@@ -8,7 +8,7 @@ from sklearn.metrics import f1_score
 
 from datasets.dataset import ForgeryDataset
 from datasets.synthetic import make_synthetic_set
-from utils.evaluation.loop import load_trained_model
+from models import load_trained_model
 from utils.evaluation.metrics import upsample_probability
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mpc_demo_hrt_nano_stage2.pth"
@@ -29,7 +29,7 @@ def test_demo_weights_localise_unseen_synthetic_forgeries(tmp_path, one_thread):
         gt = item["mask"].reshape(item["mask"].shape[-2:]).numpy() > 0.5
         with torch.no_grad():
             prob = torch.sigmoid(trained.model(item["image"].unsqueeze(0)))[0, 0]
-        predicted = upsample_probability(prob, gt.shape) > 127  # METRICS.md: the map on 0-255 above int(0.5 * 255)
+        predicted = upsample_probability(prob, gt.shape) > 127  # docs/METRICS.md: the map on 0-255 above int(0.5 * 255)
         model_f1.append(f1_score(gt.ravel(), predicted.ravel(), zero_division=0))
         all_forged_f1.append(f1_score(gt.ravel(), np.ones(gt.size, bool), zero_division=0))
     assert np.mean(model_f1) > 0.7 and np.mean(model_f1) > np.mean(all_forged_f1) + 0.4

@@ -98,13 +98,9 @@ def test_failed_write_keeps_the_existing_list(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["Keep_1.npy"]
 
 
-def test_relative_and_resolved_paths(tmp_path):
-    absolute = str(tmp_path / "abs.png")
-    rows = [("img/a.png", "gt/a.png"), (absolute, "")]
-    resolved = flist.resolve_rows(rows, tmp_path / "base")
-    assert tuple(resolved[0]) == (str(tmp_path / "base" / "img" / "a.png"), str(tmp_path / "base" / "gt" / "a.png"))
-    assert tuple(resolved[1]) == (absolute, "")
-    relative = flist.relative_rows(resolved, tmp_path)
+def test_relative_paths(tmp_path):
+    inside = (str(tmp_path / "base" / "img" / "a.png"), str(tmp_path / "base" / "gt" / "a.png"))
+    relative = flist.relative_rows([inside, (str(tmp_path / "abs.png"), "")], tmp_path)
     assert tuple(relative[0]) == (os.path.join("base", "img", "a.png"), os.path.join("base", "gt", "a.png"))
     assert tuple(relative[1]) == ("abs.png", "")
 

@@ -33,7 +33,7 @@ def mask(height=12, width=16) -> np.ndarray:
 
 
 def run(capsys, *args) -> tuple[int, str]:
-    code = generate_flist.main([str(a) for a in args] + ["--quiet"])
+    code = generate_flist.main([str(a) for a in args] + ["--no-progress"])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

@@ -85,7 +85,7 @@ def test_bfloat16_logits_are_computed_in_float32():
 def test_build_head_loss():
     assert losses.build_head_loss("focal") is losses.sigmoid_focal_loss
     assert losses.build_head_loss("bce") is losses.binary_cross_entropy
-    with pytest.raises(ValueError, match=re.escape("unknown loss 'ce'")):
+    with pytest.raises(ValueError, match=re.escape("unknown head loss 'ce'")):
         losses.build_head_loss("ce")
 
 

@@ -95,14 +95,6 @@ def test_empty_cluster_keeps_a_unit_centroid():
     torch.testing.assert_close(centroids.norm(dim=1), torch.ones(3))
 
 
-def test_out_size_sets_the_clustering_grid():
-    region = torch.zeros(1, 16, 16, dtype=torch.bool)
-    region[0, 4:8, 4:8] = True
-    masks = kmeans_forgery_mask(synthetic_maps(region, batch=1), out_size=(32, 32))
-    assert masks.shape == (1, 32, 32)
-    assert masks.sum() < 32 * 32 / 2
-
-
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="N x D"):
         cosine_kmeans(torch.zeros(3, 4, 5))

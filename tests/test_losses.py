@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mpc_reference.npz"
 TERMS = ("within_image", "cross_scale", "cross_modality")
 
-# The five InfoNCE calls as MPC_SPEC §3 lists them: (term, anchor pool, negative pool, partner call).
+# The five InfoNCE calls as docs/MPC_SPEC.md §3 lists them: (term, anchor pool, negative pool, partner call).
 SPEC_CALLS = (
     ("within_image", "fine_view1", "fine_view1", None),
     ("cross_scale", "fine_view1", "coarse_view1", 2),
@@ -96,7 +96,7 @@ def random_mask(batch=3, height=16, width=24, forged_fractions=(0.3, 0.5, 0.1), 
 
 
 def used_maps(view1, view2):
-    """The maps the loss reads: all scales of view 1, only scale 1 of view 2 (MPC_SPEC §3)."""
+    """The maps the loss reads: all scales of view 1, only scale 1 of view 2 (docs/MPC_SPEC.md §3)."""
     return [*view1, view2[0]]
 
 

@@ -1,6 +1,6 @@
 """The faithful recipe, held on the objects the training scripts build (issue 15, group 1).
 
-RECIPE below is written by hand from ../shared/docs/MPC_SPEC.md (the section beside each row), never read back
+RECIPE below is written by hand from docs/MPC_SPEC.md (the section beside each row), never read back
 from the code. Every faithful config goes through its script's real `main` (tests/built_objects.py: nothing trains)
 and the tests inspect what was built: every normalisation layer of each kind, the DropPath modules, the optimiser's
 parameter group, the scheduler object, the datasets, the train-mode hook, and the arguments the loss receives.
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from built_objects import build_run, defaults_yaml, norm_kind, training_dataset
 
-# ---- the recipe (MPC_SPEC) ------------------------------------------------------------------------------------------
+# ---- the recipe (docs/MPC_SPEC.md) -----------------------------------------------------------------------------------
 RECIPE = {
     # stage-1 contrastive loss
     "temperature": 0.1,  # §3 "Temperature τ = 0.1"; App. A contrastive loss

@@ -147,12 +147,13 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_command_line_runs_as_a_script(tmp_path):
-    result = subprocess.run([sys.executable, "datasets/synthetic.py", "--out", str(tmp_path), "--num", "3",
-                             "--size", "48", "--seed", "2", "--name", "cli", "--shapes", "0"],
+    result = subprocess.run([sys.executable, "generate_flist.py", "--synthetic", "3", "--out", str(tmp_path),
+                             "--size", "48", "--seed", "2", "--name", "cli", "--shapes", "0", "--no-progress"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("cli_3.npy") and (tmp_path / "cli_3.npy").is_file()
     assert len(list((tmp_path / "images").glob("*.png"))) == 3
-    refused = subprocess.run([sys.executable, "datasets/synthetic.py", "--out", str(tmp_path), "--shapes", "5,2"],
+    refused = subprocess.run([sys.executable, "generate_flist.py", "--synthetic", "3", "--out", str(tmp_path),
+                              "--name", "cli", "--shapes", "5,2"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--shapes: expected N or FEWEST,MOST" in refused.stderr

@@ -15,7 +15,7 @@ import torch.nn as nn
 from built_objects import norm_kind
 from models import build_stage1_model, build_stage2_model
 
-# (momentum, eps) per kind, from MPC_SPEC §2 (BatchNorm2d with momentum 0.1 everywhere; the output projections
+# (momentum, eps) per kind, from docs/MPC_SPEC.md §2 (BatchNorm2d with momentum 0.1 everywhere; the output projections
 # "BN (ε=1e-3, momentum=0.03)") and §4 (plain BN layers in the head); PyTorch's BatchNorm2d default eps is 1e-5.
 BATCHNORM = {"stem": (0.1, 1e-5), "bottleneck": (0.1, 1e-5), "transformer_ffn": (0.1, 1e-5), "fusion": (0.1, 1e-5),
              "transition": (0.1, 1e-5), "projection": (0.03, 1e-3), "head": (0.1, 1e-5)}
@@ -130,7 +130,7 @@ def test_projection_eps_is_visible_in_the_output(stage2_pass):
 
 
 def test_two_stage1_views_update_the_running_statistics_twice(one_thread):
-    """MPC_SPEC §2/§3: both views run in train mode, so each step moves the statistics twice:
+    """docs/MPC_SPEC.md §2/§3: both views run in train mode, so each step moves the statistics twice:
     running = (1 − m)·((1 − m)·old + m·b₁) + m·b₂, b₁ and b₂ the two passes' batch statistics."""
     from stage1.train import TwoViews
 

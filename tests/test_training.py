@@ -20,6 +20,7 @@ from datasets.flist import read_flist
 from datasets.synthetic import make_synthetic_set
 from models import CheckpointError, build_stage1_model, build_stage2_model
 from utils.config import load_config
+from utils.training.builders import build_optimizer
 from utils.training.engine import NonFiniteLossError, StageHooks, Trainer
 from utils.training.sampling import ResumableSampler
 
@@ -58,42 +59,35 @@ def fixed_batch(flist: str, n: int = 2) -> dict:
     return {"image": torch.stack([i["image"] for i in items]), "mask": torch.stack([i["mask"] for i in items])}
 
 
-def train_on_fixed_batch(set_train_mode, step, optimizer, steps: int = 12) -> list[float]:
-    """`steps` optimiser steps on one batch, as the engine takes them; the losses."""
-    losses = []
-    for _ in range(steps):
-        set_train_mode()
-        loss = step()["total"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+def losses_on_fixed_batch(trainer: Trainer, batch: dict, steps: int = 12) -> list[float]:
+    """`steps` steps of the real trainer (train mode, loss, backward, optimiser) on one batch; the losses."""
+    return [trainer._train_step(batch)["total"] for _ in range(steps)]
 
 
-def test_stage1_loss_goes_down_on_a_fixed_batch(synthetic_list):
+def test_stage1_loss_goes_down_on_a_fixed_batch(synthetic_list, tmp_path):
     from stage1.train import TwoViews, loss_terms
     torch.manual_seed(0)
-    cfg = load_config(None, ["MODEL.BACKBONE", "hrt_nano"])
+    cfg = load_config(None, ["MODEL.BACKBONE", "hrt_nano", "SOLVER.LR", "2e-3", "DATA.NUM_WORKERS", "0"])
     model = build_stage1_model("hrt_nano", drop_path_rate=0.1)
-    step, two_views = loss_terms(cfg), TwoViews(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    batch = fixed_batch(synthetic_list)
-    losses = train_on_fixed_batch(model.train, lambda: step(two_views, batch), optimizer)
+    hooks = StageHooks(set_train_mode=lambda m: m.train(), train_step=loss_terms(cfg), validate=None)
+    trainer = Trainer(cfg, str(tmp_path), model, build_optimizer(cfg, model.parameters()), _dataset(8), hooks,
+                      torch.device("cpu"), forward_module=TwoViews(model))
+    losses = losses_on_fixed_batch(trainer, fixed_batch(synthetic_list))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
-def test_stage2_loss_goes_down_on_a_fixed_batch(synthetic_list):
+def test_stage2_loss_goes_down_on_a_fixed_batch(synthetic_list, tmp_path):
     from stage2.train import head_step, set_train_mode
     torch.manual_seed(0)
-    cfg = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano"])
+    cfg = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano", "SOLVER.LR", "1e-2", "DATA.NUM_WORKERS",
+                             "0"])
     model = build_stage2_model("hrt_nano")
     model.encoder.requires_grad_(False)
-    step = head_step(cfg)
-    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=1e-2)
-    batch = fixed_batch(synthetic_list)
+    hooks = StageHooks(set_train_mode=set_train_mode(cfg), train_step=head_step(cfg), validate=None)
+    trainer = Trainer(cfg, str(tmp_path), model, build_optimizer(cfg, model.decoder.parameters()), _dataset(8), hooks,
+                      torch.device("cpu"))
     frozen = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    losses = train_on_fixed_batch(lambda: set_train_mode(cfg)(model), lambda: step(model, batch), optimizer)
+    losses = losses_on_fixed_batch(trainer, fixed_batch(synthetic_list))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     # truly frozen: no weight and no BN statistic of the backbone moved
     for key, value in model.encoder.state_dict().items():
@@ -182,12 +176,12 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(synthet
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (out / "latest.pth").exists()
-    from utils.checkpoint import load_training_checkpoint
-    step = load_training_checkpoint(str(out / "latest.pth"))["step"]
+    from models.checkpoint import read_training_checkpoint
+    step = read_training_checkpoint(str(out / "latest.pth"))["step"]
     resumed = subprocess.run([*command[:-4], "--max-steps", str(step + 1), "--resume"], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert load_training_checkpoint(str(out / "latest.pth"))["step"] == step + 1
+    assert read_training_checkpoint(str(out / "latest.pth"))["step"] == step + 1
 
 
 class _TinyNet(torch.nn.Module):
@@ -285,7 +279,7 @@ def test_ddp_gradients_equal_one_process_on_the_combined_batch(synthetic_list, t
 
 
 def test_exported_weights_keep_the_model_and_drop_the_training_state(tmp_path):
-    from utils.checkpoint import RELEASE_KEYS, export_weights
+    from models.checkpoint import RELEASE_KEYS, export_weights
     model = build_stage2_model("hrt_nano")
     cfg = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano", "DATA.NUM_WORKERS", "0"])
     hooks = StageHooks(set_train_mode=lambda m: m.train(), train_step=None, validate=None)

@@ -1,4 +1,4 @@
-"""The weights registry: the published facts (MPC_SPEC Appendix B) and verification of downloaded files."""
+"""The weights registry: the published facts (docs/MPC_SPEC.md Appendix B) and verification of downloaded files."""
 import hashlib
 import json
 import re
@@ -10,7 +10,7 @@ import models
 from models import CheckpointError, registry_entry_for, verify_weights
 from models import registry
 
-# Appendix B of MPC_SPEC (Git LFS pointers in multimediaFor/MPC at f74f92b).
+# Appendix B of docs/MPC_SPEC.md (Git LFS pointers in multimediaFor/MPC at f74f92b).
 PUBLISHED = {
     "hrt_base.pth": (607_411_218, "5b62e5c08bcc2acfb9f5d1930ac9b278a7d0b26b538ddaf44b8aebc5d2edf900"),
     "MPC_CATNet_stage1_weights.pth": (179_812_573, "5a8a255239a4198b48ef7f0450d4b66d4c63f55d5be2aeb842c6ba14b0571140"),

@@ -2,7 +2,7 @@
 group 2).
 
 The loss keys are checked through the real stage-1 step (`stage1.train.loss_terms`) against a naive re-computation
-written here from MPC_SPEC §3, and a hand-worked example; the model, optimiser, scheduler and stage-2 keys through
+written here from docs/MPC_SPEC.md §3, and a hand-worked example; the model, optimiser, scheduler and stage-2 keys through
 the objects the scripts build (tests/built_objects.py) on hrt_nano, or on HRT-B where the spec's 14 DropPath positions
 are the point.
 """
@@ -25,7 +25,7 @@ WEIGHT_KEYS = {"within_image": "LOSS.WITHIN_IMAGE", "cross_scale": "LOSS.CROSS_S
                "cross_modality": "LOSS.CROSS_MODALITY"}
 
 
-# ---- a naive multi-view loss (MPC_SPEC §3), every pixel sampled ------------------------------------------------------
+# ---- a naive multi-view loss (docs/MPC_SPEC.md §3), every pixel sampled ----------------------------------------------
 def naive_info_nce(anchors: torch.Tensor, negatives: torch.Tensor, tau: float, positives=None) -> float:
     """ℓ(A, N): mean over anchors of −log(exp(p_i/τ) / (exp(p_i/τ) + Σ_k exp(⟨a_i, n_k⟩/τ))), with p_i the mean
     similarity to the other anchors (or to every row of `positives`); 0 where undefined."""
@@ -49,7 +49,7 @@ def pixels(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 def naive_terms(view1, view2, mask: torch.Tensor, tau: float, positives: str = "own") -> dict:
-    """The three terms, each the mean over images of its per-image sum (MPC_SPEC §3); mask B×H×W, nearest labels
+    """The three terms, each the mean over images of its per-image sum (docs/MPC_SPEC.md §3); mask B×H×W, nearest labels
     for the coarser scales (pixel (i, j) of a map k times smaller takes label (k·i, k·j))."""
     terms = {term: 0.0 for term in TERMS}
     batch, height, _ = mask.shape
@@ -210,7 +210,7 @@ def build(tmp_path, one_thread):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_drop_path_rate_reaches_every_block_of_hrt_base(build, stage):
     run = build(stage, ["MODEL.DROP_PATH_RATE", "0.3"])
-    # MPC_SPEC §2: linspace(0, rate, 14) over the 14 block positions; module m (counted over stages 2-4) takes
+    # docs/MPC_SPEC.md §2: linspace(0, rate, 14) over the 14 block positions; module m (counted over stages 2-4) takes
     # positions 2m and 2m + 1, in every one of its branches.
     rates = [0.3 * k / 13 for k in range(14)]
     first_module = {"stage2": 0, "stage3": 1, "stage4": 5}
@@ -244,7 +244,7 @@ def test_two_train_mode_views_differ_only_through_drop_path(build, rate, equal):
 def test_stage2_backbone_modes(build, freeze, faithful):
     run = build(2, NANO + ["STAGE2.FREEZE_BACKBONE", str(freeze), "STAGE2.FAITHFUL_TRAIN_MODE", str(faithful)])
     run.hooks.set_train_mode(run.model)
-    # MPC_SPEC §4/§9.3: the clean default evaluates the frozen backbone; the official run left it in train mode.
+    # docs/MPC_SPEC.md §4/§9.3: the clean default evaluates the frozen backbone; the official run left it in train mode.
     backbone_trains = faithful or not freeze
     assert all(m.training is backbone_trains for m in run.model.encoder.modules())
     assert all(m.training for m in run.model.decoder.modules())
@@ -262,7 +262,7 @@ def test_model_keys_select_backbone_and_head(build):
     widths = tuple(branch[0].norm1.normalized_shape[0] for branch in run.model.encoder.stage4[-1].branches)
     assert widths == (16, 32, 64, 128)  # hrt_nano
     convs = [(m.in_channels, m.out_channels) for m in run.model.decoder.modules() if isinstance(m, nn.Conv2d)]
-    assert convs == [(1024, 512), (512, 256), (256, 128), (128, 64), (64, 1)]  # MPC_SPEC §4 CASIAv2 variant
+    assert convs == [(1024, 512), (512, 256), (256, 128), (128, 64), (64, 1)]  # docs/MPC_SPEC.md §4 CASIAv2 variant
 
 
 # ---- solver and data keys -------------------------------------------------------------------------------------------

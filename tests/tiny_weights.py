@@ -4,8 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import build_stage2_model
-from utils.checkpoint import CHECKPOINT_FORMAT
+from models import OUR_FORMAT, build_stage2_model
 from utils.config import load_config
 
 INPUT_SIZE = 64
@@ -42,7 +41,7 @@ def save_tiny_weights(folder, ours_name: str, ours_seed: int, official_name: str
     {"ours": (path, model), "official": (path, model)}."""
     ours = tiny_model("catnet", seed=ours_seed)
     config = load_config(None, ["STAGE", "2", "MODEL.BACKBONE", "hrt_nano"])
-    torch.save({"format": CHECKPOINT_FORMAT, "stage": 2, "model": ours.state_dict(), "config": config.dump()},
+    torch.save({"format": OUR_FORMAT, "stage": 2, "model": ours.state_dict(), "config": config.dump()},
                folder / ours_name)
     official = tiny_model("casiav2", seed=official_seed)
     torch.save(official.state_dict(), folder / official_name)

@@ -30,10 +30,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -7,9 +7,11 @@ import sys
 
 
 def get_logger(name: str, out_dir: str | None = None) -> logging.Logger:
+    """A fresh set of handlers each call: a second run in the same process logs to its own folder."""
     logger = logging.getLogger(f"mpc.{name}")
-    if logger.handlers:
-        return logger
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
     logger.setLevel(logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S")

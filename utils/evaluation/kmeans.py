@@ -1,10 +1,13 @@
-"""Stage-1 validation by clustering (MPC_SPEC §3): spherical k-means on fused pixel features, minority = forged.
+"""Stage-1 validation by clustering (docs/MPC_SPEC.md §3): spherical k-means on fused pixel features, minority =
+forged.
 
 The official code uses torch_kmeans 0.2.0 (`KMeans` with `CosineSimilarity`: random init from data points, 8 inits,
 100 iterations, tol 1e-4, seed 123); this is a pure-torch equivalent, not a bit-for-bit copy of its random draws.
 """
 import torch
 import torch.nn.functional as F
+
+from models.mpc import fuse_scales
 
 OFFICIAL_SEED = 123  # torch_kmeans' default seed
 
@@ -46,15 +49,15 @@ def cosine_kmeans(features, k=2, n_init=8, max_iter=100, tol=1e-4, generator=Non
     return labels[best], centroids[best]
 
 
-def kmeans_forgery_mask(maps, out_size=None, generator=None, **kmeans_options):
+def kmeans_forgery_mask(maps, generator=None, **kmeans_options):
     """Forged-pixel masks from the stage-1 backbone's 4 L2-normalised maps (each B x C x h_i x w_i).
 
-    Every map is resized (bilinear, align_corners=True) to `out_size` (default: the size of the first, 1/4-scale
-    map) and the maps are concatenated into one feature per pixel; each image is clustered into 2 groups and the
-    smaller group is called forged (on a tie, cluster 1, as in the official rule). Returns B x H x W bool masks.
+    The maps are fused as stage 2 fuses them (`models.fuse_scales`: upsampled to the first, 1/4-scale map, bilinear
+    with align_corners=True, and concatenated) into one feature per pixel; each image is clustered into 2 groups
+    and the smaller group is called forged (on a tie, cluster 1, as in the official rule). Returns B x H x W bool masks.
     """
-    size = tuple(out_size) if out_size is not None else tuple(maps[0].shape[-2:])
-    fused = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps], dim=1)
+    fused = fuse_scales(maps)
+    size = tuple(fused.shape[-2:])
     masks = []
     for image_features in fused:
         labels, _ = cosine_kmeans(image_features.flatten(1).T, k=2, generator=generator, **kmeans_options)

@@ -1,5 +1,5 @@
-"""Scoring a predictor on a file list by the MPC protocol (METRICS.md), one image at a time, and the pieces the
-test and inference scripts share: loading trained stage-2 weights, the prediction function, output names and files.
+"""Scoring a predictor on a file list by the MPC protocol (docs/METRICS.md), one image at a time, and the pieces the
+test and inference scripts share: the prediction function, output names and files.
 
 `predict` maps a 1×3×S×S image batch to a 1×h×w probability map in [0, 1] (the stage-2 head's sigmoid, or the
 stage-1 k-means mask). The map is resized to the ground truth's original size as the official `test.py` does, then
@@ -8,54 +8,36 @@ every pixel metric is accumulated on tampered images and the image-level metrics
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import platform
-from dataclasses import dataclass, field
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
 import torch
-from fvcore.common.config import CfgNode
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.dataset import CatchReadErrors, is_read_error
 from datasets.io import ImageReadError
-from models import HEADS, OUR_FORMAT, CheckpointError, build_stage2_model, load_checkpoint, read_checkpoint
-from utils.files import atomic_write_bytes, atomic_write_text, write_png
-from utils.config import get_default_config
-from utils.evaluation.metrics import ImageMetrics, PixelMetrics, binarize, upsample_probability
-
-PROTOCOL_INPUT_SIZE = 512  # MPC squash-resizes every test image to 512×512
+from utils.files import atomic_write_text
+from utils.evaluation.metrics import PER_IMAGE_METRICS, PIXEL_KEYS, ImageMetrics, PixelMetrics
+from utils.evaluation.prediction import predict_map
 
 # Columns of the per-image rows, in CSV order; pixel metrics are empty for authentic images.
 PER_IMAGE_COLUMNS = ("name", "path", "tampered", "score", "height", "width", "forged_fraction",
-                     "predicted_fraction", "f1_fixed", "iou", "f1_best", "f1_permuted", "auc")
-# Dataset-level pixel metrics (`PixelMetrics.compute`), NaN when a list holds no tampered image.
-PIXEL_KEYS = ("n_images", "f1_fixed", "iou", "f1_best", "f1_permuted", "f1_pooled", "auc_mean", "auc_skipped",
-              "auc_pooled")
+                     "predicted_fraction") + tuple(PER_IMAGE_METRICS)
 
 
-class CatchReadErrors(Dataset):
-    """Wraps a dataset of (image, mask) rows so that an unreadable item comes back as `{"error": problem,
-    "bad_file": the file at fault, "path": image path, "index": i}` instead of raising inside a DataLoader worker,
-    where the exception would lose its type and its clear message."""
+class EvaluationStopped(Exception):
+    """`evaluate` stopped on request; `rows` are the per-image rows of the images scored before."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.dataset[index]
-        except ImageReadError as error:
-            return {"error": error.problem, "bad_file": error.path, "path": str(self.dataset.rows[index][0]),
-                    "index": index}
+    def __init__(self, rows: list[dict]):
+        super().__init__(f"stopped after {len(rows)} images")
+        self.rows = rows
 
 
 def single_item(batch: list):
@@ -68,49 +50,45 @@ def _mask_2d(mask: torch.Tensor) -> np.ndarray:
     return mask.reshape(mask.shape[-2:]).numpy() > 0.5
 
 
-def _listed_as_tampered(dataset, index: int) -> bool:
-    """A row with a mask path is a tampered image, even when its mask is empty: the official test scores such an
-    image (F1 = 0); a row without one is authentic."""
-    return bool(str(dataset.rows[index][1]))
-
-
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device, num_workers: int = 0,
              desc: str = "evaluating", progress: bool = True, on_image: Callable | None = None,
-             skip_bad: bool = False) -> dict:
+             skip_bad: bool = False, stop: Callable[[], bool] = lambda: False) -> dict:
     """Metrics of `predict` on `dataset` (a `ForgeryDataset` in test/val mode: masks at their original size).
 
-    `on_image(item, prob_255)` is called for every image with the map at the original size (saving masks, probability
-    maps, logging a few predictions). An unreadable image or mask raises `ImageReadError` naming the file, or with
-    `skip_bad` is left out and listed in `skipped` as (path, message). Returns the merged pixel and image metrics,
-    `per_image` rows (every scored image, columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
+    `on_image(item, prediction)` is called for every image with its `ProbabilityMap` at the original size (saving
+    masks, probability maps, logging a few predictions). An unreadable image or mask raises `ImageReadError` naming
+    the file, or with `skip_bad` is left out and listed in `skipped` as (path, message). When `stop()` says so
+    (a Ctrl-C, see `utils.interrupt`), scoring stops between images with `EvaluationStopped`, which carries the
+    rows of the images done. Returns the merged pixel and image metrics, `per_image` rows (every scored image,
+    columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
     """
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=single_item)
     pixel, image_level = PixelMetrics(), ImageMetrics()
     rows, skipped = [], []
     for item in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        if "error" in item:
+        if stop():
+            raise EvaluationStopped(rows)
+        if is_read_error(item):
             error = ImageReadError(item["bad_file"], item["error"])
             if not skip_bad:
                 raise error
-            skipped.append((item["path"], str(error)))
+            skipped.append((item["bad_file"], str(error)))
             continue
-        prob = predict(item["image"].unsqueeze(0).to(device))[0].float().cpu()
         gt = _mask_2d(item["mask"])
-        prob_255 = upsample_probability(prob, gt.shape)
-        tampered = _listed_as_tampered(dataset, item["index"])
-        score = float(prob_255.max())
-        row = {"path": item["path"], "tampered": tampered, "score": score / 255.0}
+        prediction = predict_map(predict, item["image"], gt.shape, device)
+        tampered = item["tampered"]
+        row = {"path": item["path"], "tampered": tampered, "score": prediction.score}
         if tampered:  # pixel metrics on tampered images only, as in MPC
-            row.update(pixel.update(prob_255, gt, name=item["path"]))
+            row.update(pixel.update(prediction.values_255, gt, name=item["path"]))
             del row["name"]
         else:
             row.update(height=gt.shape[0], width=gt.shape[1])
-        image_level.update(score, int(tampered))
+        image_level.update(float(prediction.values_255.max()), int(tampered))
         rows.append(row)
         if on_image is not None:
-            on_image(item, prob_255)
+            on_image(item, prediction)
     if not rows:
         raise RuntimeError(f"{desc}: no image could be scored ({len(skipped)} skipped as unreadable)")
     image_results = image_level.compute()
@@ -122,7 +100,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: t
 
 
 def mpc_score(results_per_set: dict[str, dict]) -> float:
-    """The official validation score: the mean of F1 and IoU over the validation sets (MPC_SPEC §3)."""
+    """The official validation score: the mean of F1 and IoU over the validation sets (docs/MPC_SPEC.md §3)."""
     values = [r[key] for r in results_per_set.values() for key in ("f1_fixed", "iou")]
     values = [v for v in values if np.isfinite(v)]
     return float(np.mean(values)) if values else 0.0
@@ -143,119 +121,15 @@ def finite_or_none(value):
 
 
 def json_safe(value):
-    """Nested dicts/lists/tuples with NaN replaced by None, for strict JSON."""
+    """Nested dicts/lists/tuples with NaN replaced by None and text escaped as in the CSV (`escape_text`), for
+    strict JSON."""
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {escape_text(key) if isinstance(key, str) else key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
+    if isinstance(value, str):
+        return escape_text(value)
     return finite_or_none(value)
-
-
-# ---- trained stage-2 weights ----------------------------------------------------------------------------------------
-@dataclass
-class TrainedModel:
-    """A stage-2 model in eval mode and what it was built from."""
-
-    model: torch.nn.Module
-    weights: str
-    source_format: str  # OUR_FORMAT (ours) or "official state_dict"
-    backbone: str
-    head: str
-    config: object = None  # the training config (CfgNode) stored in our checkpoints
-    load_report: object = None
-    notes: list[str] = field(default_factory=list)
-
-    def input_size(self, asked: int | None = None) -> int:
-        """The squash-resize size: what was asked, else the size our checkpoint was trained at, else the
-        protocol's 512 (official weights)."""
-        if asked:
-            return asked
-        return int(self.config.DATA.INPUT_SIZE) if self.config is not None else PROTOCOL_INPUT_SIZE
-
-
-def head_from_state_dict(state, source: str) -> str:
-    """The head (`models.HEADS` name) whose hidden widths match the `decoder.classifier` convolutions of an official
-    state_dict: the CATNet and CASIAv2 releases differ by one 128->64 layer."""
-    convs = {}
-    for key, value in state.items():
-        parts = str(key).removeprefix("module.").split(".")
-        if (len(parts) == 4 and parts[:2] == ["decoder", "classifier"] and parts[2].isdigit() and parts[3] == "weight"
-                and isinstance(value, torch.Tensor) and value.ndim == 4):
-            convs[int(parts[2])] = tuple(value.shape)
-    if not convs:
-        raise CheckpointError(f"{source}: holds no localization head (no 'decoder.classifier.*' weights); a stage-1 "
-                              "backbone or an ImageNet checkpoint cannot localise: pass stage-2 weights")
-    hidden = tuple(shape[0] for _, shape in sorted(convs.items())[:-1])
-    for name, widths in HEADS.items():
-        if widths == hidden:
-            return name
-    raise CheckpointError(f"{source}: its head has hidden widths {list(hidden)}, which match no known head "
-                          f"({', '.join(f'{n}: {list(w)}' for n, w in HEADS.items())})")
-
-
-def _our_config(checkpoint: dict, path: str):
-    if int(checkpoint.get("stage", 0)) != 2:
-        raise CheckpointError(f"{path}: a stage-{checkpoint.get('stage')} checkpoint; testing and inference need the "
-                              "stage-2 model (backbone + head)")
-    cfg = get_default_config()
-    try:
-        cfg.merge_from_other_cfg(CfgNode.load_cfg(checkpoint["config"]))
-    except Exception as error:
-        raise CheckpointError(f"{path}: its stored config cannot be read ({error})") from None
-    cfg.freeze()
-    return cfg
-
-
-def load_trained_model(path: str, backbone: str | None = None, head: str | None = None,
-                       device: torch.device = torch.device("cpu")) -> TrainedModel:
-    """Build the stage-2 model that `path` holds and load it (every tensor required).
-
-    Our checkpoints carry their config, which names the backbone and head; an official bare state_dict takes
-    `backbone` (default hrt_base) and its head is recognised from its layer widths (CATNet or CASIAv2 release).
-    A `backbone`/`head` that contradicts our checkpoint's config is an error.
-    """
-    path = str(path)
-    contents = read_checkpoint(path, mmap=True)  # mapped: the tensors are not held twice while loading
-    if not isinstance(contents, dict):
-        raise CheckpointError(f"{path}: not a state dict (the file holds a {type(contents).__name__})")
-    notes = []
-    if contents.get("format") == OUR_FORMAT:
-        config = _our_config(contents, path)
-        found = {"backbone": config.MODEL.BACKBONE, "head": config.MODEL.HEAD}
-        for what, asked in (("backbone", backbone), ("head", head)):
-            if asked is not None and asked != found[what]:
-                raise CheckpointError(f"{path}: --{what} {asked} contradicts the checkpoint's config "
-                                      f"(MODEL.{what.upper()} {found[what]}); leave --{what} out for our checkpoints")
-        backbone, head, source_format = found["backbone"], found["head"], OUR_FORMAT
-    elif isinstance(contents.get("model"), dict):
-        raise CheckpointError(f"{path}: an ImageNet classification checkpoint ({{'model': ...}}), not a stage-2 model")
-    else:
-        config, source_format = None, "official state_dict"
-        detected = head_from_state_dict(contents, path)
-        if head is not None and head != detected:
-            raise CheckpointError(f"{path}: --head {head} asked for, but the file's head is {detected}")
-        head, backbone = detected, backbone or "hrt_base"
-        notes.append(f"head {head} recognised from the file's layer widths")
-    model = build_stage2_model(backbone, head=head)
-    try:
-        report = load_checkpoint(model, contents)
-    except CheckpointError as error:
-        hint = "" if config is not None else f"; it was built as --backbone {backbone}: is the file for another one?"
-        raise CheckpointError(f"{path}: {error}{hint}") from None
-    model.eval().to(device)
-    return TrainedModel(model, path, source_format, backbone, head, config, report, notes)
-
-
-def probability_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images B×3×S×S in [0, 1] -> B×S/4×S/4 probabilities: the one-logit head's sigmoid, as the official test."""
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(model(images))[:, 0]
-    return predict
-
-
-def sha256_of(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def environment() -> dict:
@@ -272,14 +146,56 @@ def environment() -> dict:
 
 
 # ---- output files ---------------------------------------------------------------------------------------------------
+# Names from other systems (archives unpacked from other platforms, files made by scripts) may hold what breaks an
+# output: bytes that are not UTF-8 (Python keeps them as lone surrogates U+DC80..U+DCFF, which UTF-8 text cannot
+# hold), control characters such as a newline (they split CSV rows and log lines), Unicode line separators. Each is
+# written as %XX, its byte value (%uXXXX for the rare code points above U+00FF): one escaping for file names, CSV
+# and JSON, idempotent, so an escaped name passes through every writer unchanged.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+# File names also lose a leading '-' (read as an option by the shell tools that meet it) and '.' (hidden), and are
+# cut to 200 bytes: the longest output name adds "_heatmap.png" and a "_N" suffix to stay under the usual 255.
+_LEADING_ESCAPES = {"-": "%2D", ".": "%2E"}
+MAX_NAME_BYTES = 200
+
+
+def escape_text(text: str) -> str:
+    """`text` with undecodable bytes, control characters and line separators written as %XX."""
+    if text.isprintable():
+        return text
+    parts = []
+    for char in text:
+        code = ord(char)
+        if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+            parts.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by os.fsdecode as a lone surrogate
+            parts.append(f"%{code - 0xDC00:02X}")
+        else:
+            parts.append(f"%{code:02X}" if code <= 0xFF else f"%u{code:04X}")
+    return "".join(parts)
+
+
+def safe_file_name(name: str) -> str:
+    """`escape_text(name)` that is also safe as a file name: no leading '-' or '.', at most 200 UTF-8 bytes."""
+    name = escape_text(name)
+    if name[:1] in _LEADING_ESCAPES:
+        name = _LEADING_ESCAPES[name[0]] + name[1:]
+    encoded = name.encode("utf-8")
+    if len(encoded) > MAX_NAME_BYTES:
+        name = encoded[:MAX_NAME_BYTES].decode("utf-8", errors="ignore")  # never half a character
+    return name
+
+
 class UniqueNames:
     """Output names that never collide: `take("x")` gives `x`, then `x_2`, `x_3`, ... in order of arrival. Compared
-    case-insensitively, for file systems that are."""
+    case-insensitively, for file systems that are. Names are made safe first (`safe_file_name`), so a name from
+    another system (undecodable bytes, a newline, a leading dash) still gets its outputs, escaped the same way in
+    the files' names, the CSV and the JSON."""
 
     def __init__(self):
         self._taken: set[str] = set()
 
     def take(self, name: str) -> str:
+        name = safe_file_name(name) or "image"
         unique, count = name, 1
         while unique.lower() in self._taken:
             count += 1
@@ -293,28 +209,18 @@ class UniqueNames:
         return self.take(Path(str(path)).stem or "image")
 
 
-def write_mask(path, prob_255: np.ndarray) -> None:
-    """The official binary mask (> 127 on the 0-255 map) as a 0/255 PNG."""
-    write_png(path, binarize(prob_255).astype(np.uint8) * 255)
-
-
-def probability_01(prob_255: np.ndarray) -> np.ndarray:
-    """The 0-255 map back on [0, 1] as float32 (clipped: bilinear resizing may overshoot 255 by a rounding error)."""
-    return np.clip(prob_255 / np.float32(255.0), 0.0, 1.0).astype(np.float32)
-
-
-def write_probability(path, prob_255: np.ndarray) -> None:
-    """The probability map in [0, 1] as a float32 `.npy`, atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, probability_01(prob_255))
-    atomic_write_bytes(str(path), buffer.getvalue())
+def _csv_cell(value):
+    if finite_or_none(value) is None:
+        return ""
+    return escape_text(value) if isinstance(value, str) else value
 
 
 def write_csv(path, rows: list[dict], columns) -> None:
-    """Rows as CSV with the given columns, atomically; NaN and missing values are left empty."""
+    """Rows as CSV with the given columns, atomically; NaN and missing values are left empty, text is escaped
+    (`escape_text`: one row per line, always valid UTF-8)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: "" if finite_or_none(row.get(key)) is None else row[key] for key in columns})
+        writer.writerow({key: _csv_cell(row.get(key)) for key in columns})
     atomic_write_text(str(path), buffer.getvalue())

@@ -1,4 +1,4 @@
-"""Forgery-localization metrics: the MPC protocol plus every common variant (see docs METRICS.md).
+"""Forgery-localization metrics: the MPC protocol plus every common variant (see docs/METRICS.md).
 
 Scale convention: every probability map and image score in this module is on the **0-255 scale**, the scale at
 which the official MPC `test.py` thresholds (a pixel is predicted forged when its value is `> 127`, i.e.
@@ -10,17 +10,20 @@ are sorted once, and F1 at the fixed threshold, the best F1 over all thresholds 
 (Mann-Whitney, ties counted as half) all follow from the two sorted arrays by binary search. Only `auc_pooled`
 is approximate: it is computed from per-class histograms with `POOLED_AUC_BINS` bins (see `PixelMetrics`).
 """
+import functools
 import math
 
 import cv2
 import numpy as np
 import torch
 
-FIXED_THRESHOLD_255 = 127  # official int(0.5 * 255); "forged" means strictly greater
+from datasets.io import MASK_THRESHOLD
+
+FIXED_THRESHOLD_255 = MASK_THRESHOLD  # official int(0.5 * 255); "forged" means strictly greater
 POOLED_AUC_BINS = 65536  # bin width 255 / 65535 = 1/257: every integer 0..255 falls on its own bin centre
 
 
-def _to_numpy(array):
+def to_numpy(array):
     if isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()
     return np.asarray(array)
@@ -29,7 +32,7 @@ def _to_numpy(array):
 def upsample_probability(prob, size):
     """Official post-processing: a [0, 1] map (H'xW', numpy or torch) -> float32 map on the 0-255 scale at
     `size` = (H, W), resized bilinearly with OpenCV semantics."""
-    prob = _to_numpy(prob).astype(np.float32, copy=False)
+    prob = to_numpy(prob).astype(np.float32, copy=False)
     if prob.ndim != 2:
         raise ValueError(f"upsample_probability: expected a 2-D probability map, got shape {prob.shape}")
     height, width = (int(s) for s in size)
@@ -43,7 +46,7 @@ def upsample_probability(prob, size):
 
 def binarize(prob_255):
     """Predicted forged mask (bool) from a 0-255 map, with the official `> 127` rule."""
-    return _to_numpy(prob_255) > FIXED_THRESHOLD_255
+    return to_numpy(prob_255) > FIXED_THRESHOLD_255
 
 
 def binary_f1(tp, fp, fn):
@@ -67,8 +70,8 @@ def _map_size(prob, what):
 
 def _sorted_by_class(scores, labels, what):
     """Flatten and split `scores` by the boolean `labels`; return (positive scores, negative scores), sorted."""
-    scores = _to_numpy(scores)
-    labels = _to_numpy(labels)
+    scores = to_numpy(scores)
+    labels = to_numpy(labels)
     if scores.shape != labels.shape:
         raise ValueError(f"{what}: prediction shape {scores.shape} differs from ground-truth shape {labels.shape}")
     if labels.dtype != np.bool_:
@@ -108,6 +111,43 @@ def _auc_and_best_f1(positives, negatives):
     negatives_at_or_below = np.searchsorted(negatives, positives, side="right")
     pairs_won_twice = int(negatives_below.sum()) + int(negatives_at_or_below.sum())
     return pairs_won_twice / (2.0 * n_pos * n_neg), best_f1
+
+
+class ImageCounts:
+    """One image at the fixed threshold: confusion counts and the per-class sorted scores every metric starts from."""
+
+    def __init__(self, positives, negatives):
+        self.positives, self.negatives = positives, negatives
+        self.tp = _count_above(positives, FIXED_THRESHOLD_255)
+        self.fp = _count_above(negatives, FIXED_THRESHOLD_255)
+        self.fn = positives.size - self.tp
+        self.tn = negatives.size - self.fp
+
+    @functools.cached_property
+    def auc_and_best_f1(self):
+        return _auc_and_best_f1(self.positives, self.negatives)
+
+
+def _f1_permuted(counts):
+    """The better of the mask and its inverse (the inverted mask's TP are the FN, its FP the TN)."""
+    return max(binary_f1(counts.tp, counts.fp, counts.fn), binary_f1(counts.fn, counts.tn, counts.tp))
+
+
+# Per-image pixel metrics in column order: name -> (function of the image's `ImageCounts`, the dataset key of its
+# mean over the images, NaN values left out). A new metric is one function and one entry here: it then appears in
+# the per-image CSV, the dataset results, metrics.json, the printed table and the robustness table.
+PER_IMAGE_METRICS = {
+    "f1_fixed": (lambda c: binary_f1(c.tp, c.fp, c.fn), "f1_fixed"),
+    "iou": (lambda c: official_iou(c.tp, c.fp, c.fn), "iou"),
+    "f1_best": (lambda c: c.auc_and_best_f1[1], "f1_best"),
+    "f1_permuted": (_f1_permuted, "f1_permuted"),
+    "auc": (lambda c: c.auc_and_best_f1[0], "auc_mean"),  # NaN when the ground truth has a single class
+}
+POOLED_KEYS = ("f1_pooled", "auc_pooled")  # from the counts of every pixel of the list
+IMAGE_KEYS = ("img_auc", "img_f1", "img_bacc")  # image-level detection (`ImageMetrics`)
+# Dataset metrics in table order: the per-image means (MPC's numbers first), the pooled ones, then image level.
+DATASET_METRICS = tuple(key for _, key in PER_IMAGE_METRICS.values()) + POOLED_KEYS + IMAGE_KEYS
+PIXEL_KEYS = ("n_images",) + tuple(key for _, key in PER_IMAGE_METRICS.values()) + POOLED_KEYS + ("auc_skipped",)
 
 
 def _histogram(sorted_values, edges):
@@ -154,54 +194,35 @@ class PixelMetrics:
         name = f"image #{len(self._rows)}" if name is None else str(name)
         height, width = _map_size(prob, f"PixelMetrics.update({name})")
         positives, negatives = _sorted_by_class(prob, gt, f"PixelMetrics.update({name})")
-        n_pos, n_neg = positives.size, negatives.size
-        tp = _count_above(positives, FIXED_THRESHOLD_255)
-        fp = _count_above(negatives, FIXED_THRESHOLD_255)
-        fn = n_pos - tp
-        auc, best_f1 = _auc_and_best_f1(positives, negatives)
-        # The inverted mask predicts every pixel the mask leaves out: its TP are the FN, its FP the TN.
-        inverted_f1 = binary_f1(fn, n_neg - fp, tp)
-        self._pooled_tp += tp
-        self._pooled_fp += fp
-        self._pooled_fn += fn
+        counts = ImageCounts(positives, negatives)
+        pixels = positives.size + negatives.size
+        self._pooled_tp += counts.tp
+        self._pooled_fp += counts.fp
+        self._pooled_fn += counts.fn
         self._positive_histogram += _histogram(positives, self._BIN_EDGES)
         self._negative_histogram += _histogram(negatives, self._BIN_EDGES)
-        row = {
-            "name": name,
-            "height": height,
-            "width": width,
-            "forged_fraction": n_pos / (n_pos + n_neg),
-            "predicted_fraction": (tp + fp) / (n_pos + n_neg),
-            "f1_fixed": binary_f1(tp, fp, fn),
-            "iou": official_iou(tp, fp, fn),
-            "f1_best": best_f1,
-            "f1_permuted": max(binary_f1(tp, fp, fn), inverted_f1),
-            "auc": auc,
-        }
+        row = {"name": name, "height": height, "width": width, "forged_fraction": positives.size / pixels,
+               "predicted_fraction": (counts.tp + counts.fp) / pixels}
+        row.update({metric: function(counts) for metric, (function, _) in PER_IMAGE_METRICS.items()})
         self._rows.append(row)
         return row
 
     def per_image(self):
-        """One dict per image, in update order: name, height, width, forged_fraction, predicted_fraction,
-        f1_fixed, iou, f1_best, f1_permuted, auc (NaN when the ground truth has a single class)."""
+        """One dict per image, in update order: name, height, width, forged_fraction, predicted_fraction, then
+        every metric of `PER_IMAGE_METRICS`."""
         return [dict(row) for row in self._rows]
 
     def compute(self):
         """Dataset scores: per-image means, pooled F1/AUC, and the number of images skipped by `auc_mean`."""
         if not self._rows:
             raise ValueError("PixelMetrics.compute: no image was added")
-        aucs = [row["auc"] for row in self._rows if not math.isnan(row["auc"])]
-        return {
-            "n_images": len(self._rows),
-            "f1_fixed": _mean_or_nan([row["f1_fixed"] for row in self._rows]),
-            "iou": _mean_or_nan([row["iou"] for row in self._rows]),
-            "f1_best": _mean_or_nan([row["f1_best"] for row in self._rows]),
-            "f1_permuted": _mean_or_nan([row["f1_permuted"] for row in self._rows]),
-            "f1_pooled": binary_f1(self._pooled_tp, self._pooled_fp, self._pooled_fn),
-            "auc_mean": _mean_or_nan(aucs),
-            "auc_skipped": len(self._rows) - len(aucs),
-            "auc_pooled": _auc_from_histograms(self._positive_histogram, self._negative_histogram),
-        }
+        results = {"n_images": len(self._rows)}
+        for metric, (_, key) in PER_IMAGE_METRICS.items():
+            results[key] = _mean_or_nan([row[metric] for row in self._rows if not math.isnan(row[metric])])
+        results["f1_pooled"] = binary_f1(self._pooled_tp, self._pooled_fp, self._pooled_fn)
+        results["auc_pooled"] = _auc_from_histograms(self._positive_histogram, self._negative_histogram)
+        results["auc_skipped"] = sum(math.isnan(row["auc"]) for row in self._rows)
+        return results
 
 
 class ImageMetrics:

@@ -5,24 +5,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from utils.evaluation.metrics import to_numpy
 from utils.files import atomic_output
 
 GRID_GAP = 2  # white pixels between the tiles of a prediction grid
 
 
-def _to_numpy(array):
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _as_map(values, what):
     """A 2-D float32 map from an H x W or 1 x H x W array/tensor."""
-    values = _to_numpy(values).astype(np.float32)
+    values = to_numpy(values).astype(np.float32)
     if values.ndim == 3 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 2:
@@ -32,7 +26,7 @@ def _as_map(values, what):
 
 def _as_rgb_uint8(image, what):
     """H x W x 3 uint8 from either that or a 3 x H x W float image in [0, 1] (a model input)."""
-    image = _to_numpy(image)
+    image = to_numpy(image)
     if image.dtype != np.uint8 and image.ndim == 3 and image.shape[0] == 3:
         image = np.clip(image.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

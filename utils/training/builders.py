@@ -6,9 +6,11 @@ import os
 import numpy as np
 import torch
 
-from datasets.dataset import ForgeryDataset, collate_skip_bad
+from datasets.dataset import ForgeryDataset, collate_readable
 from datasets.flist import read_flist
 from datasets.mixture import build_training_rows, split_holdout
+from models.activation_checkpointing import set_activation_checkpointing
+from utils.config import ConfigError
 
 
 def list_name(path: str) -> str:
@@ -24,7 +26,7 @@ def build_datasets(cfg, logger):
     """
     entries = [(str(path), int(repeat)) for path, repeat in cfg.DATA.TRAIN_LISTS]
     if not entries:
-        raise ValueError("DATA.TRAIN_LISTS is empty: name at least one file list to train on")
+        raise ConfigError("DATA.TRAIN_LISTS is empty: name at least one file list to train on")
     if cfg.DATA.VAL_LISTS:
         val_sets = {list_name(p): read_flist(p) for p in cfg.DATA.VAL_LISTS}
         logger.info("validating on the named lists " + ", ".join(cfg.DATA.VAL_LISTS))
@@ -37,9 +39,9 @@ def build_datasets(cfg, logger):
                 ", ".join(f"{p if isinstance(p, str) else 'rows'} ×{r}" for p, r in entries))
     size = cfg.DATA.INPUT_SIZE
     train_set = ForgeryDataset(rows, mode="train", input_size=size, gt_ratio=cfg.DATA.GT_RATIO,
-                               augment=cfg.DATA.AUGMENT, skip_bad=cfg.DATA.SKIP_BAD, seed=cfg.RUNTIME.SEED)
+                               augment=cfg.DATA.AUGMENT, seed=cfg.RUNTIME.SEED)
     val_datasets = {name: ForgeryDataset(np.asarray(r), mode="val", input_size=size) for name, r in val_sets.items()}
-    return train_set, val_datasets, collate_skip_bad
+    return train_set, val_datasets, collate_readable
 
 
 def build_optimizer(cfg, parameters):
@@ -48,12 +50,15 @@ def build_optimizer(cfg, parameters):
 
 
 def prepare_model(cfg, model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
-    """Device, SyncBatchNorm (several CUDA processes), channels_last and torch.compile, as the config asks."""
+    """Device, SyncBatchNorm (several CUDA processes), channels_last, activation checkpointing and torch.compile, as
+    the config asks."""
     if cfg.RUNTIME.SYNC_BN and world_size > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.RUNTIME.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.RUNTIME.ACTIVATION_CHECKPOINTING != "off":
+        set_activation_checkpointing(model, cfg.RUNTIME.ACTIVATION_CHECKPOINTING)
     if cfg.RUNTIME.COMPILE:
         model.compile()  # in place: state_dict keys stay the same, so checkpoints stay loadable
     return model

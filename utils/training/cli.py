@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from utils import distributed
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.logging import get_logger
 from utils.runtime import resolve_device, seed_everything
 
@@ -32,6 +32,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
 
 def config_from_args(args, stage: int):
     overrides = list(args.overrides)
+    if len(overrides) % 2:  # checked before the flags below add their pairs, so that the message shows what was typed
+        raise ConfigError(f"overrides come in KEY VALUE pairs; got an odd number: {overrides}")
     if args.seed is not None:
         overrides += ["RUNTIME.SEED", str(args.seed)]
     if args.device is not None:

@@ -20,12 +20,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.dataset import CatchReadErrors
+from datasets.io import ImageReadError
+from models.checkpoint import CheckpointError, read_training_checkpoint, save_checkpoint
 from utils import distributed
-from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, capture_rng_state, load_training_checkpoint,
-                              restore_rng_state)
-from utils.config import save_config
+from utils.config import ConfigError, save_config
+from utils.errors import UserError
 from utils.files import write_png
-from utils.runtime import amp_dtype, autocast, make_grad_scaler
+from utils.interrupt import Interrupted, stop_requests
+from utils.runtime import amp_dtype, autocast, capture_rng_state, make_grad_scaler, restore_rng_state
 from utils.training.sampling import ResumableSampler, SeededItems
 
 
@@ -39,7 +42,7 @@ class StageHooks:
     validate: Callable[[torch.nn.Module], dict]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -63,7 +66,7 @@ def build_scheduler(cfg, optimizer):
     if cfg.SOLVER.SCHEDULER == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=cfg.SOLVER.COSINE_T_MAX, eta_min=cfg.SOLVER.MIN_LR)
-    raise ValueError(f"SOLVER.SCHEDULER must be plateau or cosine, not '{cfg.SOLVER.SCHEDULER}'")
+    raise ConfigError(f"SOLVER.SCHEDULER must be plateau or cosine, not '{cfg.SOLVER.SCHEDULER}'")
 
 
 class Trainer:
@@ -93,11 +96,12 @@ class Trainer:
                                 # the loader's worker base seed must not come from the global stream: creating an
                                 # iterator after a resume would otherwise shift the model's DropPath draws
                                 generator=torch.Generator().manual_seed(cfg.RUNTIME.SEED))
-        self.train_set = SeededItems(train_set)
+        self.train_set = CatchReadErrors(SeededItems(train_set))
         self.step = 0
         self.best_score = -math.inf
         self.skipped_nonfinite = 0
         self.skipped_samples = 0
+        self.last_saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
         self.train_module = self._wrap(forward_module if forward_module is not None else model)
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
@@ -132,7 +136,6 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT,
             "stage": int(self.cfg.STAGE),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -143,18 +146,20 @@ class Trainer:
             "rng": capture_rng_state(),
             "best_score": self.best_score,
             "skipped_nonfinite": self.skipped_nonfinite,
+            "skipped_samples": self.skipped_samples,
             "config": self.cfg.dump(),
         }
 
     def save(self, name: str) -> str:
         path = os.path.join(self.out_dir, name)
-        atomic_torch_save(self._checkpoint(), path)
+        save_checkpoint(self._checkpoint(), path)
+        self.last_saved_step = self.step
         return path
 
     def resume(self, path: str) -> None:
-        checkpoint = load_training_checkpoint(path, map_location=self.device)
+        checkpoint = read_training_checkpoint(path, map_location=self.device)
         if checkpoint["stage"] != int(self.cfg.STAGE):
-            raise RuntimeError(f"'{path}' is a stage-{checkpoint['stage']} checkpoint; this is stage {self.cfg.STAGE}")
+            raise CheckpointError(f"{path}: a stage-{checkpoint['stage']} checkpoint; this is stage {self.cfg.STAGE}")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -162,6 +167,8 @@ class Trainer:
         self.step = checkpoint["step"]
         self.best_score = checkpoint["best_score"]
         self.skipped_nonfinite = checkpoint["skipped_nonfinite"]
+        self.skipped_samples = checkpoint["skipped_samples"]
+        self.last_saved_step = self.step
         sampler = checkpoint["sampler"]
         self.sampler.set_position(sampler["epoch"], sampler["batch"])
         restore_rng_state(checkpoint["rng"])
@@ -194,6 +201,18 @@ class Trainer:
                 self.sampler.start_batch += 1
                 yield batch
             self.sampler.set_position(self.sampler.epoch + 1, 0)
+
+    def _readable(self, batch: dict) -> bool:
+        """Raise for the batch's unreadable samples, or with DATA.SKIP_BAD count them and go on; False when no
+        process has a readable sample left (every process skips the step together, or DDP would hang)."""
+        bad = batch.pop("bad_items", [])
+        if bad and not self.cfg.DATA.SKIP_BAD:
+            path, problem = bad[0]
+            raise ImageReadError(path, f"{problem} (DATA.SKIP_BAD True skips unreadable samples and counts them)")
+        for path, problem in bad:
+            warnings.warn(f"skipped an unreadable sample: {path}: {problem}")
+        self.skipped_samples += len(bad)
+        return distributed.all_reduce_sum(float("image" not in batch), self.device) == 0
 
     def _train_step(self, batch: dict) -> dict | None:
         self.hooks.set_train_mode(self.model)
@@ -240,49 +259,65 @@ class Trainer:
         distributed.barrier()
         return results
 
+    def _interruption_note(self) -> str:
+        latest = os.path.join(self.out_dir, "latest.pth")
+        if self.last_saved_step is None:
+            return f"interrupted at step {self.step}, before the first checkpoint: nothing was saved"
+        return (f"interrupted at step {self.step}; {latest} (step {self.last_saved_step}) is intact: run the same "
+                "command with --resume to continue from it")
+
     def fit(self, max_steps: int) -> dict:
         """Train until `max_steps` (0 = until stopped by hand); validate every VAL_EVERY samples and at the end."""
         endless = max_steps <= 0
         progress = tqdm(total=None if endless else max_steps, initial=self.step, disable=not self.is_main,
                         desc=f"stage {self.cfg.STAGE}", dynamic_ncols=True)
         batches = self._batches()
-        consecutive_bad = 0
+        consecutive_bad = empty_batches = 0
         last_results: dict = {}
         window_start, window_samples = time.perf_counter(), 0
-        while endless or self.step < max_steps:
-            batch = next(batches)
-            self.skipped_samples += int(batch.pop("n_skipped", 0)) if isinstance(batch, dict) else 0
-            losses = self._train_step(batch)
-            self.step += 1
-            progress.update(1)
-            window_samples += self.samples_per_step
-            if losses is None:
-                self.skipped_nonfinite += 1
-                consecutive_bad += 1
-                warnings.warn(f"step {self.step}: non-finite loss, step skipped "
-                              f"({self.skipped_nonfinite} skipped so far)")
-                if consecutive_bad >= self.cfg.SOLVER.MAX_BAD_STEPS:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss (last at step {self.step}); "
-                        "stopping. Lower SOLVER.LR, turn RUNTIME.AMP off, or check the data.")
-            else:
-                consecutive_bad = 0
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples / elapsed if elapsed > 0 else 0.0
-                progress.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "lr": f"{self._lr():.2e}",
-                                      "img/s": f"{rate:.1f}"}, refresh=False)
-                if self.step % self.cfg.SOLVER.LOG_EVERY == 0 or self.step == 1:
-                    self._log_row("train.csv", {"step": self.step, "samples": self.step * self.samples_per_step,
-                                                **losses, "lr": self._lr(), "samples_per_s": rate,
-                                                "skipped_nonfinite": self.skipped_nonfinite,
-                                                "skipped_samples": self.skipped_samples})
-                    window_start, window_samples = time.perf_counter(), 0
-            if self.step % self.val_interval == 0 or (not endless and self.step == max_steps):
-                last_results = self.validate_and_checkpoint()
-                progress.write(f"step {self.step}: validation " +
-                               ", ".join(f"{k} {v:.4f}" for k, v in last_results.items()
-                                         if isinstance(v, (int, float))) + f" (best {self.best_score:.4f})")
-        progress.close()
+        with stop_requests() as stop_requested, progress:
+            while endless or self.step < max_steps:
+                if stop_requested():
+                    raise Interrupted(self._interruption_note())
+                batch = next(batches)
+                if not self._readable(batch):
+                    empty_batches += 1
+                    if empty_batches >= self.sampler.batches_per_epoch:
+                        lists = ", ".join(str(path) for path, _ in self.cfg.DATA.TRAIN_LISTS)
+                        raise UserError(f"{lists}: no readable sample in {empty_batches} batches in a row (a "
+                                        f"whole epoch; {self.skipped_samples} unreadable samples skipped)")
+                    continue
+                empty_batches = 0
+                losses = self._train_step(batch)
+                self.step += 1
+                progress.update(1)
+                window_samples += self.samples_per_step
+                if losses is None:
+                    self.skipped_nonfinite += 1
+                    consecutive_bad += 1
+                    warnings.warn(f"step {self.step}: non-finite loss, step skipped "
+                                  f"({self.skipped_nonfinite} skipped so far)")
+                    if consecutive_bad >= self.cfg.SOLVER.MAX_BAD_STEPS:
+                        raise NonFiniteLossError(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss (last at step {self.step}); "
+                            "stopping. Lower SOLVER.LR, turn RUNTIME.AMP off, or check the data.")
+                else:
+                    consecutive_bad = 0
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_samples / elapsed if elapsed > 0 else 0.0
+                    progress.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "lr": f"{self._lr():.2e}",
+                                          "img/s": f"{rate:.1f}"}, refresh=False)
+                    if self.step % self.cfg.SOLVER.LOG_EVERY == 0 or self.step == 1:
+                        self._log_row("train.csv", {"step": self.step, "samples": self.step * self.samples_per_step,
+                                                    **losses, "lr": self._lr(), "samples_per_s": rate,
+                                                    "skipped_nonfinite": self.skipped_nonfinite,
+                                                    "skipped_samples": self.skipped_samples})
+                        window_start, window_samples = time.perf_counter(), 0
+                if self.step % self.val_interval == 0 or (not endless and self.step == max_steps):
+                    last_results = self.validate_and_checkpoint()
+                    progress.write(f"step {self.step}: validation " +
+                                   ", ".join(f"{k} {v:.4f}" for k, v in last_results.items()
+                                             if isinstance(v, (int, float))) + f" (best {self.best_score:.4f})")
         if self._tb is not None:
             self._tb.close()
         return last_results

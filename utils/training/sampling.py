@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from utils.config import ConfigError
+
 
 def item_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
@@ -24,7 +26,7 @@ class ResumableSampler(Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if num_samples < batch_size * world_size:
-            raise ValueError(f"the training set has {num_samples} samples, fewer than one batch of "
+            raise ConfigError(f"the training set has {num_samples} samples, fewer than one batch of "
                              f"{batch_size} × {world_size} processes")
         self.num_samples = num_samples
         self.batch_size = batch_size
