@@ -1,9 +1,11 @@
-"""Stage-2 losses on the head's single logit map (MPC_SPEC §4, §9.5): the official sigmoid focal loss, and the
-binary cross-entropy that the paper's text names."""
+"""Stage-2 losses on the head's single logit map (docs/MPC_SPEC.md §4, §9.5): the official sigmoid focal loss, and
+the binary cross-entropy that the paper's text names."""
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from utils.config import ConfigError
 
 
 def _logits_and_target(logits: torch.Tensor, target: torch.Tensor, caller: str):
@@ -48,5 +50,5 @@ HEAD_LOSSES = {"focal": sigmoid_focal_loss, "bce": binary_cross_entropy}
 def build_head_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The head loss called `name`: "focal" (official, α=0.5, γ=2) or "bce"."""
     if name not in HEAD_LOSSES:
-        raise ValueError(f"build_head_loss: unknown loss {name!r}; choose one of {sorted(HEAD_LOSSES)}")
+        raise ConfigError(f"unknown head loss {name!r} (LOSS.HEAD); choose one of {sorted(HEAD_LOSSES)}")
     return HEAD_LOSSES[name]

@@ -1,4 +1,5 @@
-"""MPC's stage-1 loss: mean-positive pixel InfoNCE within an image, across scales and across views (MPC_SPEC §3).
+"""MPC's stage-1 loss: mean-positive pixel InfoNCE within an image, across scales and across views
+(docs/MPC_SPEC.md §3).
 
 Exact to the official formulation, but the mean similarity of an anchor to the other anchors is taken from the
 anchors' sum instead of an n×n similarity matrix, the anchor–negative matrix is touched by as few passes as

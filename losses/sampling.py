@@ -1,4 +1,4 @@
-"""Which pixels the multi-view contrastive loss compares, and the random subsampling of them (MPC_SPEC §3).
+"""Which pixels the multi-view contrastive loss compares, and the random subsampling of them (docs/MPC_SPEC.md §3).
 
 Every InfoNCE call of the loss is a `ContrastPair`: anchors drawn from the authentic pixels of one *pool* and
 negatives from the forged pixels of another. A pool is a flat list of pixel positions of one image:
