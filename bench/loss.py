@@ -8,7 +8,9 @@ a 20 % forged rectangle per image, at most 5000 samples per set.
 
 Prints one table: median wall and process-CPU seconds of forward+backward, memory saved for backward (bytes of
 the distinct tensors autograd keeps, a device-independent stand-in for the peak; on CUDA also the peak
-allocated), the speed-ups and the difference between the two totals.
+allocated), the speed-ups and the difference between the two totals. Then the roofline: ours against the
+three n×m×C matrix products per InfoNCE call that any exact implementation computes (the anchor–negative
+logits, and in backward the gradients of anchors and negatives), bare, on the same sizes, timed in the same runs.
 
     .venv/bin/python bench/loss.py [--runs 3] [--batch 4] [--size 128] [--max-samples 5000] [--device cpu]
 """
@@ -52,6 +54,35 @@ def plain_loss(view1, view2, samples, temperature=0.1):
             image_loss = image_loss + plain_info_nce(anchors, negatives, temperature)
         per_image.append(image_loss)
     return torch.stack(per_image).mean()
+
+
+def bare_matmuls(samples, channels, device, seed=2):
+    """The loss's bound: per image and call, the logits s = A Nᵀ (n×m), then s N and sᵀ A, on random rows of the
+    sampled sizes; nothing else (no normalising, gathering, exp or reductions)."""
+    generator = torch.Generator().manual_seed(seed)
+    operands = [(torch.randn(anchors.numel(), channels, generator=generator).to(device),
+                 torch.randn(negatives.numel(), channels, generator=generator).to(device))
+                for image_anchors, image_negatives in zip(samples.anchors, samples.negatives)
+                for anchors, negatives in zip(image_anchors, image_negatives)]
+
+    def run():
+        for anchors, negatives in operands:
+            logits = anchors @ negatives.T
+            logits @ negatives
+            logits.T @ anchors
+    return run, sum(a.shape[0] * n.shape[0] for a, n in operands) * 3 * channels
+
+
+def time_bound(run, device):
+    """(wall seconds, process CPU seconds) of one run of the bare products."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def make_inputs(batch, channels, size, forged_fraction, device, seed=0):
@@ -117,10 +148,13 @@ def main():
         "losses (ours)": lambda: multi_view_pixel_contrast(view1, view2, mask, indices=samples)["total"],
         "plain loop": lambda: plain_loss(view1, view2, samples),
     }
+    bound, multiply_adds = bare_matmuls(samples, args.channels, device)
     results = {name: [] for name in candidates}
+    bound_runs = []
     for _ in range(args.runs):
         for name, loss_fn in candidates.items():
             results[name].append(measure(loss_fn, inputs, device))
+        bound_runs.append(time_bound(bound, device))
 
     machine = platform.processor() or platform.machine()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -139,6 +173,13 @@ def main():
     ours, plain_total = results["losses (ours)"][0][4], results["plain loop"][0][4]
     print(f"total: ours {ours:.6f}, plain {plain_total:.6f}, "
           f"relative difference {abs(ours - plain_total) / abs(plain_total):.2e}")
+    bound_wall, bound_cpu = np.median(np.array(bound_runs), axis=0)
+    ours_wall, ours_cpu = np.median(np.array([r[:2] for r in results["losses (ours)"]]), axis=0)
+    print(f"\nroofline: three bare n×m×C products per call ({multiply_adds / 1e9:.1f} G multiply-adds in all)")
+    print(f"{'':<30} {'wall s':>8} {'CPU s':>8} {'GFLOP/s (wall)':>15}")
+    for name, wall, cpu in (("losses (ours)", ours_wall, ours_cpu), ("bare products (the bound)", bound_wall, bound_cpu)):
+        print(f"{name:<30} {wall:8.2f} {cpu:8.2f} {2 * multiply_adds / wall / 1e9:15.1f}")
+    print(f"ours / bound: {ours_wall / bound_wall:.2f}× wall, {ours_cpu / bound_cpu:.2f}× CPU")
 
 if __name__ == "__main__":
     main()

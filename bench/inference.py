@@ -1,0 +1,319 @@
+"""Inference speed: the fast path (`models.inference.prepare_for_inference`) against the plain eval forward.
+
+Two tables, and a third on request:
+
+1. **Window attention** on HRT-B's four branches at --size (windows of 7², head_dim 39): the explicit softmax
+   against `scaled_dot_product_attention` with the relative position bias as the mask, forward without gradients
+   (inference) and forward + backward with the bias gradient (stage-1 training); milliseconds (median) and the MiB
+   autograd keeps for backward. This is the measurement behind `models.hrformer.window_softmax_attention`.
+2. **Inference** at --size², batch --batch, --threads threads, per model: the plain path as it was before this
+   path existed (explicit-softmax attention), the plain path as shipped (eval forward, fused attention), and the
+   fast path. Speed: one process per model runs the three paths' calls interleaved (1, 2, 3, 1, 2, 3, ...), so
+   that other jobs on a shared machine slow them alike: images/s = median of --runs calls per path after a
+   warm-up, and the process CPU seconds per image (all threads; steadier than wall time under load). Peak memory:
+   a fresh process per row, the growth of its max RSS over a warm-up and one call beyond what it held once the
+   model was built (and prepared: the fast row also holds the plain model it was prepared from, so that the
+   preparation's own peak does not hide the forward's). Also the largest difference of each path's probabilities
+   (sigmoid of the logits) and logits from the first row's. Weights: the fixture fill rule
+   (shared/fixtures/README.md, every float tensor by its name), the same in every row; input: one seeded random
+   image.
+3. `--flips`: on the real tampered images of ../shared/data (squash-resized to --size, as the protocol), how many
+   output pixels fall on the other side of the 0.5 threshold in the fast path than in the plain path, with the
+   demo weights (weights/mpc_demo_hrt_nano_stage2.pth) and with rule-filled HRT-B (--flips-images-base images;
+   its logits lie far below 0, so it says little).
+
+    .venv/bin/python bench/inference.py [--models hrt_base hrt_small] [--size 512] [--threads 2] [--runs 5] [--flips]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+import models.hrformer as hrformer  # noqa: E402
+from models.inference import prepare_for_inference  # noqa: E402
+
+PATHS = ("plain, explicit attention", "plain", "fast")
+HRT_BASE_HEADS = (2, 4, 8, 16)
+HEAD_DIM = 39  # HRT-B: widths 78·2^i over heads 2·2^i
+
+
+def machine_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fill_rule(name: str, shape: tuple) -> torch.Tensor:
+    """The fixtures README's deterministic fill rule, keyed by the state_dict name."""
+    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
+    if name.endswith("running_var"):
+        value = 0.5 + rng.random(shape)
+    elif name.endswith("running_mean"):
+        value = 0.1 * rng.standard_normal(shape)
+    elif len(shape) >= 2:
+        value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
+    elif name.endswith("weight"):
+        value = 1 + 0.1 * rng.standard_normal(shape)
+    else:
+        value = 0.1 * rng.standard_normal(shape)
+    return torch.from_numpy(np.asarray(value, dtype=np.float32))
+
+
+def rule_filled_model(backbone: str) -> torch.nn.Module:
+    model = models.build_stage2_model(backbone, "catnet")
+    weights = {name: fill_rule(name, tuple(t.shape)) for name, t in model.state_dict().items() if t.is_floating_point()}
+    model.load_state_dict(weights, strict=False)
+    return model.eval()
+
+
+FUSED_WHERE_POSSIBLE = hrformer.window_softmax_attention
+
+
+def explicit_attention(q, k, v, bias):
+    """The official order of operations, whatever the gradient needs: the plain path before the fused kernel."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def fused_attention(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+
+
+# --- table 1: window attention ---------------------------------------------------------------------------------
+
+def _median_ms(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _saved_mib(fn) -> float:
+    """MiB of the distinct tensors autograd keeps for backward during fn()."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved.values()) / 2**20
+
+
+def attention_table(size: int, batch: int, runs: int) -> None:
+    print(f"\nwindow attention, HRT-B branches at {size}², batch {batch}: median ms of {runs} runs; "
+          "saved = MiB kept for backward")
+    print(f"{'branch':<7} {'windows×heads':>14} | {'inference: explicit':>19} {'SDPA':>7} | "
+          f"{'training f+b: explicit':>22} {'SDPA':>7} | {'saved: explicit':>15} {'SDPA':>6}")
+    generator = torch.Generator().manual_seed(0)
+    for branch, heads in enumerate(HRT_BASE_HEADS):
+        side = math.ceil(size / 4 / 2**branch / 7)
+        windows = batch * side * side
+        q, k, v = (torch.randn(windows, heads, 49, HEAD_DIM, generator=generator) for _ in range(3))
+        table = torch.randn(heads, 49, 49, generator=generator)
+        row = {}
+        for name, attend in (("explicit", explicit_attention), ("SDPA", fused_attention)):
+            with torch.no_grad():
+                row[name, "inference"] = _median_ms(lambda: attend(q, k, v, table), runs)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+            grad = torch.ones(windows, heads, 49, HEAD_DIM)
+            row[name, "training"] = _median_ms(lambda: attend(*leaves).backward(grad), runs)
+            row[name, "saved"] = _saved_mib(lambda: attend(*leaves))
+        print(f"{branch:<7} {f'{windows}×{heads}':>14} | {row['explicit', 'inference']:19.1f} "
+              f"{row['SDPA', 'inference']:7.1f} | {row['explicit', 'training']:22.1f} {row['SDPA', 'training']:7.1f} | "
+              f"{row['explicit', 'saved']:15.1f} {row['SDPA', 'saved']:6.1f}")
+
+
+# --- table 2: inference, one row per process ---------------------------------------------------------------------
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _runner(model: torch.nn.Module, path: str):
+    """images → logits by one of PATHS; the fast path is prepared from `model` (which stays alive)."""
+    if path == "fast":
+        return prepare_for_inference(model)
+
+    def run(images):
+        if path == "plain, explicit attention":
+            hrformer.window_softmax_attention = explicit_attention  # what WindowAttention.forward calls
+        try:
+            with torch.inference_mode():
+                return model(images)
+        finally:
+            hrformer.window_softmax_attention = FUSED_WHERE_POSSIBLE
+    return run
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads: less sensitive than wall time to other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_times(backbone: str, size: int, batch: int, runs: int, out_file: str) -> dict:
+    """Every path of one model in this process, calls interleaved (path 1, 2, 3, 1, 2, 3, ...) so that other jobs on
+    the machine slow them alike; medians of wall and CPU seconds. The logits go to out_file for the comparison."""
+    model = rule_filled_model(backbone)
+    runners = {path: _runner(model, path) for path in PATHS}
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    logits = {path: run(images).float().contiguous() for path, run in runners.items()}  # warm-up
+    wall, cpu = {path: [] for path in PATHS}, {path: [] for path in PATHS}
+    for _ in range(runs):
+        for path, run in runners.items():
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            run(images)
+            wall[path].append(time.perf_counter() - start)
+            cpu[path].append(_cpu_seconds() - cpu_start)
+    torch.save(logits, out_file)
+    return {path: {"images_per_s": batch / statistics.median(wall[path]),
+                   "cpu_s_per_image": statistics.median(cpu[path]) / batch} for path in PATHS}
+
+
+def measure_peak(backbone: str, path: str, size: int, batch: int) -> dict:
+    """Peak memory of one path, in this fresh process: growth of the max RSS over a warm-up and one call."""
+    model = rule_filled_model(backbone)
+    run = _runner(model, path)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    baseline = _max_rss_mb()
+    run(images)
+    run(images)
+    return {"peak_mb": _max_rss_mb() - baseline}
+
+
+def _subprocess(args, *mode: str) -> dict:
+    command = [sys.executable, __file__, *mode, "--size", str(args.size), "--batch", str(args.batch),
+               "--runs", str(args.runs), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(mode)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def inference_table(args) -> None:
+    print(f"\ninference at {args.size}², batch {args.batch}, {args.threads} threads: images/s = median of "
+          f"{args.runs} calls per path after a warm-up, the paths' calls interleaved in one process; CPU s = its "
+          "CPU seconds per image (all threads); peak = growth of max RSS (a fresh process per row); differences "
+          "against the first row of the model")
+    print(f"{'model':<10} {'path':<26} {'images/s':>9} {'s/image':>8} {'speed-up':>9} {'CPU s':>6} {'peak MB':>8} "
+          f"{'max |Δ prob|':>13} {'max |Δ logit|':>14}")
+    with tempfile.TemporaryDirectory() as folder:
+        for backbone in args.models:
+            out_file = os.path.join(folder, f"{backbone}.pt")
+            times = _subprocess(args, "--times", backbone, out_file)
+            logits = torch.load(out_file, weights_only=True)
+            reference, base_speed = logits[PATHS[0]], times[PATHS[0]]["images_per_s"]
+            for path in PATHS:
+                peak = _subprocess(args, "--peak", backbone, path)["peak_mb"]
+                row = times[path]
+                prob_diff = (torch.sigmoid(logits[path]) - torch.sigmoid(reference)).abs().max().item()
+                logit_diff = (logits[path] - reference).abs().max().item()
+                print(f"{backbone:<10} {path:<26} {row['images_per_s']:9.3f} {1 / row['images_per_s']:8.2f} "
+                      f"{row['images_per_s'] / base_speed:8.2f}× {row['cpu_s_per_image']:6.2f} {peak:8.0f} "
+                      f"{prob_diff:13.1e} {logit_diff:14.1e}", flush=True)
+
+
+# --- table 3: threshold flips on real images ----------------------------------------------------------------------
+
+def shared_tampered_images() -> list[Path]:
+    data = ROOT.parent / "shared" / "data"
+    patterns = ["CASIA1/*/Tp/*", "CASIA2_samples/Tp/*", "Columbia_samples/4cam_splc/*", "NoSo_copymove/*_mod*.png",
+                "NIST16_samples/probe/*", "IMD2020_samples/fake/*", "Korus_RealisticTampering_samples/tampered/*"]
+    return sorted(p for pattern in patterns for p in data.glob(pattern) if not p.stem.endswith("_gt"))
+
+
+def flips_table(args) -> None:
+    import cv2
+
+    from datasets.io import read_image
+
+    paths = shared_tampered_images()
+    if not paths:
+        print("\nthreshold flips: ../shared/data is absent, skipped")
+        return
+    demo = models.load_trained_model(str(ROOT / "weights" / "mpc_demo_hrt_nano_stage2.pth")).model
+    candidates = [("demo weights (hrt_nano)", demo, args.flips_images),
+                  ("rule-filled hrt_base", rule_filled_model("hrt_base"), args.flips_images_base)]
+    print(f"\nthreshold flips: {len(paths)} real tampered images of ../shared/data squash-resized to {args.size}², "
+          f"output maps {args.size // 4}²; pixels on the other side of 0.5 in the fast path than in the plain path")
+    print(f"{'weights':<26} {'images':>7} {'pixels':>11} {'flipped':>8} {'images with a flip':>19} "
+          f"{'max |Δ prob|':>13}")
+    for label, model, limit in candidates:
+        fast = prepare_for_inference(model)
+        flipped, with_flip, pixels, largest = 0, 0, 0, 0.0
+        for path in paths[:limit]:
+            image = cv2.resize(read_image(path), (args.size, args.size), interpolation=cv2.INTER_LINEAR)
+            batch = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+            with torch.inference_mode():
+                plain = torch.sigmoid(model(batch))
+            quick = torch.sigmoid(fast(batch))
+            count = int(((plain > 0.5) != (quick > 0.5)).sum())
+            flipped, with_flip, pixels = flipped + count, with_flip + (count > 0), pixels + plain.numel()
+            largest = max(largest, (plain - quick).abs().max().item())
+        print(f"{label:<26} {min(len(paths), limit):7d} {pixels:11d} {flipped:8d} {with_flip:19d} "
+              f"{largest:13.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["hrt_base", "hrt_small"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--flips", action="store_true", help="also count threshold flips on ../shared/data")
+    parser.add_argument("--flips-images", type=int, default=1000, help="at most this many images for --flips")
+    parser.add_argument("--flips-images-base", type=int, default=12,
+                        help="at most this many images for --flips with HRT-B (the costly one)")
+    parser.add_argument("--times", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.times:
+        backbone, out_file = args.times
+        print(json.dumps(measure_times(backbone, args.size, args.batch, args.runs, out_file)))
+        return
+    if args.peak:
+        print(json.dumps(measure_peak(*args.peak, args.size, args.batch)))
+        return
+    print(f"machine: {machine_name()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
+          f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}")
+    if not args.skip_attention:
+        attention_table(args.size, args.batch, max(args.runs, 5))
+    inference_table(args)
+    if args.flips:
+        flips_table(args)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f} (above {args.threads}: other jobs shared the CPUs)")
+
+
+if __name__ == "__main__":
+    main()

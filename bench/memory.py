@@ -1,0 +1,221 @@
+"""Stage-1 step memory and time, plain vs activation checkpointing (RUNTIME.ACTIVATION_CHECKPOINTING).
+
+The real stage-1 step (stage1/train.py's TwoViews and loss_terms: two DropPath views, the multi-view loss at the
+official cap of 5000 samples, AdamW) on synthetic forgeries, for each batch size and each granularity. Every
+configuration runs in a fresh process so that its peak is its own: on the CPU the growth of the process's maximum
+RSS over what it held once the model and optimiser were built; on CUDA the allocator's peak. The first step is the
+reference: taken from the same weights, batch and random state in every configuration, its gradients are compared
+with the plain step's of the same batch size (largest per-tensor relative difference ‖Δ‖/‖g‖, and the largest
+absolute one). The steps after it are timed (median).
+
+    python bench/memory.py                                   # HRT-B 512², batch 1, 2, 4; off, block, module
+    python bench/memory.py --batches 1 2 --modes off module --repeats 3 --threads 1
+    python bench/memory.py --model hrt_tiny --size 256 --batches 1 --repeats 1     # a quick look
+
+A configuration whose estimated peak (the same mode's measured peak per image × batch, plus 10 %) exceeds the
+memory available now is not started, and the table says so: the plain step at 512² needs about 12.7 GB per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from datasets.dataset import ForgeryDataset, collate_readable
+from datasets.synthetic import make_synthetic_set
+from models import build_stage1_model
+from stage1.train import TwoViews, loss_terms
+from utils.config import load_config
+from utils.training.builders import build_optimizer, prepare_model
+
+MODES = ("off", "block", "module")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _available_mb() -> float:
+    """MemAvailable of /proc/meminfo (Linux); infinity where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def synthetic_batch(size: int, batch_size: int, folder: str) -> dict:
+    """`batch_size` forged synthetic images at `size`², without augmentation: the same batch in every process."""
+    flist = make_synthetic_set(folder, num=batch_size, size=size, seed=0, authentic_fraction=0.0, progress=False)
+    dataset = ForgeryDataset(np.load(flist), mode="train", input_size=size, augment=False)
+    return collate_readable([dataset[i] for i in range(batch_size)])
+
+
+def measure_one(model_name: str, size: int, batch_size: int, mode: str, repeats: int, device: torch.device,
+                grads_file: str) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        batch = synthetic_batch(size, batch_size, folder)
+    batch = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
+    cfg = load_config(None, ["MODEL.BACKBONE", model_name, "RUNTIME.ACTIVATION_CHECKPOINTING", mode])
+    torch.manual_seed(0)
+    model = build_stage1_model(model_name, drop_path_rate=cfg.MODEL.DROP_PATH_RATE)
+    model = prepare_model(cfg, model, device, world_size=1).train()
+    optimizer = build_optimizer(cfg, model.parameters())
+    train_step, two_views = loss_terms(cfg), TwoViews(model)
+
+    def step() -> dict:
+        losses = train_step(two_views, batch)
+        losses["total"].backward()
+        return losses
+
+    baseline_mb = _peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(1)  # the reference step: same DropPath draws and loss samples in every configuration
+    reference = step()
+    torch.save({name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None},
+               grads_file)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = _peak_rss_mb() - baseline_mb
+    return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu_times), "times": times, "peak_mb": peak_mb,
+            "loss": float(reference["total"].detach())}
+
+
+def gradient_difference(reference_file: str, other_file: str) -> tuple[float, float]:
+    """(largest ‖Δ‖/‖g‖ over the tensors whose gradient is not zero, largest |Δ|) between two saved gradient sets."""
+    reference, other = (torch.load(f, weights_only=True) for f in (reference_file, other_file))
+    if set(reference) != set(other):
+        raise RuntimeError("the two steps produced gradients for different parameters")
+    relative, absolute = 0.0, 0.0
+    for name, g in reference.items():
+        difference = (other[name].double() - g.double())
+        absolute = max(absolute, float(difference.abs().max()))
+        norm = float(g.double().norm())
+        if norm > 0:
+            relative = max(relative, float(difference.norm()) / norm)
+    return relative, absolute
+
+
+def run_configuration(args, mode: str, batch_size: int, grads_file: str) -> dict:
+    command = [sys.executable, __file__, "--one", mode, str(batch_size), grads_file, "--model", args.model,
+               "--size", str(args.size), "--repeats", str(args.repeats), "--device", args.device,
+               "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine_line(device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, {total_gb:.0f} GiB "
+            f"({_available_mb() / 1024:.1f} GiB available, load average {os.getloadavg()[0]:.1f}), {gpu}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="hrt_base")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the reference step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per process (default: torch's); 1 keeps timings steady on a shared machine")
+    parser.add_argument("--one", nargs=3, metavar=("MODE", "BATCH", "GRADS_FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        mode, batch_size, grads_file = args.one[0], int(args.one[1]), args.one[2]
+        print(json.dumps(measure_one(args.model, args.size, batch_size, mode, args.repeats, device, grads_file)))
+        return
+
+    print(machine_line(device))
+    print(f"{args.model} at {args.size}², two views, DropPath 0.2, AdamW; step time = median of {args.repeats} "
+          f"steps after the reference step; peak = " +
+          ("allocator peak" if device.type == "cuda" else "growth of the process's max RSS"), flush=True)
+    header = ["batch", "checkpointing", "step s", "CPU s", "time vs plain", "peak MB", "peak vs plain",
+              "max grad ‖Δ‖/‖g‖", "max grad |Δ|"]
+    rows = []
+    per_image_mb: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for batch_size in args.batches:
+            plain = None
+            for mode in args.modes:
+                grads_file = os.path.join(folder, f"grads_{mode}_{batch_size}.pt")
+                estimate = per_image_mb.get(mode, 0.0) * batch_size * 1.1
+                available = _available_mb()
+                if device.type == "cpu" and estimate > available:
+                    rows.append([batch_size, mode, f"not run: needs ≈ {estimate / 1024:.1f} GB, "
+                                 f"{available / 1024:.1f} GB available"])
+                    print(f"# skipped {mode} at batch {batch_size}: {rows[-1][-1]}", flush=True)
+                    continue
+                r = run_configuration(args, mode, batch_size, grads_file)
+                if "error" in r:
+                    rows.append([batch_size, mode, f"failed: {r['error']}"])
+                    print(f"# {mode} at batch {batch_size} failed: {r['error']}", flush=True)
+                    continue
+                per_image_mb[mode] = max(per_image_mb.get(mode, 0.0), r["peak_mb"] / batch_size)
+                print(f"# {mode} batch {batch_size}: {json.dumps(r)}", flush=True)
+                if mode == "off":
+                    plain = (r, grads_file)
+                    rows.append([batch_size, mode, f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}", "1.00×",
+                                 f"{r['peak_mb']:.0f}", "100 %", "0 (reference)", "0"])
+                    continue
+                versus = [f"{r['step_s'] / plain[0]['step_s']:.2f}× (CPU {r['cpu_s'] / plain[0]['cpu_s']:.2f}×)",
+                          f"{100 * r['peak_mb'] / plain[0]['peak_mb']:.0f} %"] if plain else ["—", "—"]
+                difference = ["— (no plain step)", "—"]
+                if plain:
+                    relative, absolute = gradient_difference(plain[1], grads_file)
+                    difference = [f"{relative:.1e}", f"{absolute:.1e}"]
+                    os.remove(grads_file)
+                rows.append([batch_size, mode, f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}", versus[0],
+                             f"{r['peak_mb']:.0f}", versus[1], *difference])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
