@@ -3,21 +3,25 @@
 The real stage-1 step (stage1/train.py's TwoViews and loss_terms: two DropPath views, the multi-view loss at the
 official cap of 5000 samples, AdamW) on synthetic forgeries, for each batch size and each granularity. Every
 configuration runs in a fresh process so that its peak is its own: on the CPU the growth of the process's maximum
-RSS over what it held once the model and optimiser were built; on CUDA the allocator's peak. The first step is the
-reference: taken from the same weights, batch and random state in every configuration, its gradients are compared
-with the plain step's of the same batch size (largest per-tensor relative difference ‖Δ‖/‖g‖, and the largest
-absolute one). The steps after it are timed (median).
+RSS over what it held once the model and optimiser were built (with glibc's mmap threshold fixed at 128 KiB, so that
+freed tensors leave the process at once and RSS follows the live tensors; `--mmap-threshold 0` keeps glibc's
+adaptive default, under which fragmentation adds to RSS from step to step); on CUDA the allocator's peak. The first
+step is the reference: taken from the same weights, batch and random state in every configuration, its gradients
+are compared with the plain step's of the same batch size (largest per-tensor relative difference ‖Δ‖/‖g‖, and the
+largest absolute one). The steps after it are timed (median).
 
     python bench/memory.py                                   # HRT-B 512², batch 1, 2, 4; off, block, module
     python bench/memory.py --batches 1 2 --modes off module --repeats 3 --threads 1
     python bench/memory.py --model hrt_tiny --size 256 --batches 1 --repeats 1     # a quick look
 
-A configuration whose estimated peak (the same mode's measured peak per image × batch, plus 10 %) exceeds the
-memory available now is not started, and the table says so: the plain step at 512² needs about 12.7 GB per image.
+A configuration whose estimated peak (extrapolated from the same mode's measured peaks at smaller batches, plus
+10 %) exceeds the memory available now is not started, and the table says so: the plain step at 512² needs about
+12 GB per image. `--keep DIR` keeps each configuration's result, so that an interrupted run resumes where it was.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -135,11 +139,79 @@ def run_configuration(args, mode: str, batch_size: int, grads_file: str) -> dict
     command = [sys.executable, __file__, "--one", mode, str(batch_size), grads_file, "--model", args.model,
                "--size", str(args.size), "--repeats", str(args.repeats), "--device", args.device,
                "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        # glibc serves allocations above this size with mmap and unmaps them when freed: RSS then follows the live
+        # tensors, as an accelerator allocator's peak does. With glibc's adaptive default (up to 32 MiB), freed
+        # activations stay in the heap and RSS grows with fragmentation from step to step.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         return {"error": lines[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def estimated_peak_mb(measured: dict[int, float], batch_size: int) -> float:
+    """A configuration's peak at `batch_size` from its measured peaks at other batch sizes: the line through the
+    two largest, or proportional to the one; 0 when nothing is known."""
+    if not measured:
+        return 0.0
+    sizes = sorted(measured)
+    if len(sizes) == 1:
+        return measured[sizes[0]] * batch_size / sizes[0]
+    (b1, p1), (b2, p2) = [(b, measured[b]) for b in sizes[-2:]]
+    return p2 + (batch_size - b2) * (p2 - p1) / (b2 - b1)
+
+
+def measured_or_cached(args, mode: str, batch_size: int, folder: str) -> dict:
+    """Run one configuration, or reuse its result from --keep (a run stopped part-way resumes where it was)."""
+    result_file = os.path.join(folder, f"result_{mode}_{batch_size}.json")
+    if os.path.exists(result_file):
+        with open(result_file) as f:
+            return {**json.load(f), "cached": True}
+    result = run_configuration(args, mode, batch_size, os.path.join(folder, f"grads_{mode}_{batch_size}.pt"))
+    if "error" not in result:
+        with open(result_file, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+def table_rows(args, device: torch.device, folder: str) -> list[list]:
+    rows = []
+    peaks: dict[str, dict[int, float]] = {mode: {} for mode in args.modes}
+    for batch_size in args.batches:
+        plain = None
+        for mode in args.modes:
+            estimate = 1.1 * estimated_peak_mb(peaks[mode], batch_size)
+            available = _available_mb()
+            result_file = os.path.join(folder, f"result_{mode}_{batch_size}.json")
+            if device.type == "cpu" and estimate > available and not os.path.exists(result_file):
+                rows.append([batch_size, mode, f"not run: needs ≈ {estimate / 1024:.1f} GB, "
+                             f"{available / 1024:.1f} GB available"])
+                print(f"# skipped {mode} at batch {batch_size}: {rows[-1][-1]}", flush=True)
+                continue
+            r = measured_or_cached(args, mode, batch_size, folder)
+            print(f"# {mode} batch {batch_size}: {json.dumps(r)}", flush=True)
+            if "error" in r:
+                rows.append([batch_size, mode, f"failed: {r['error']}"])
+                continue
+            peaks[mode][batch_size] = r["peak_mb"]
+            grads_file = os.path.join(folder, f"grads_{mode}_{batch_size}.pt")
+            if mode == "off":
+                plain = (r, grads_file)
+                rows.append([batch_size, mode, f"{r['step_s']:.1f}", f"{r['cpu_s']:.1f}", "1.00×",
+                             f"{r['peak_mb']:.0f}", "100 %", "0 (reference)", "0"])
+                continue
+            versus, difference = ["— (no plain step)", "—"], ["—", "—"]
+            if plain:
+                versus = [f"{r['step_s'] / plain[0]['step_s']:.2f}× (CPU {r['cpu_s'] / plain[0]['cpu_s']:.2f}×)",
+                          f"{100 * r['peak_mb'] / plain[0]['peak_mb']:.0f} %"]
+                relative, absolute = gradient_difference(plain[1], grads_file)
+                difference = [f"{relative:.1e}", f"{absolute:.1e}"]
+            rows.append([batch_size, mode, f"{r['step_s']:.1f}", f"{r['cpu_s']:.1f}", versus[0],
+                         f"{r['peak_mb']:.0f}", versus[1], *difference])
+    return rows
 
 
 def machine_line(device: torch.device) -> str:
@@ -160,6 +232,10 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per process (default: torch's); 1 keeps timings steady on a shared machine")
+    parser.add_argument("--mmap-threshold", type=int, default=128 * 1024,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the measured processes (bytes; 0 = glibc's default)")
+    parser.add_argument("--keep", help="folder keeping each configuration's result and gradients; configurations "
+                                       "already there are not run again (default: a temporary folder)")
     parser.add_argument("--one", nargs=3, metavar=("MODE", "BATCH", "GRADS_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,46 +247,17 @@ def main():
         return
 
     print(machine_line(device))
+    peak = "allocator peak" if device.type == "cuda" else (
+        "growth of the process's max RSS, glibc mmap threshold " +
+        (f"{args.mmap_threshold} B" if args.mmap_threshold else "adaptive (default)"))
     print(f"{args.model} at {args.size}², two views, DropPath 0.2, AdamW; step time = median of {args.repeats} "
-          f"steps after the reference step; peak = " +
-          ("allocator peak" if device.type == "cuda" else "growth of the process's max RSS"), flush=True)
+          f"steps after the reference step; peak = {peak}", flush=True)
     header = ["batch", "checkpointing", "step s", "CPU s", "time vs plain", "peak MB", "peak vs plain",
               "max grad ‖Δ‖/‖g‖", "max grad |Δ|"]
-    rows = []
-    per_image_mb: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for batch_size in args.batches:
-            plain = None
-            for mode in args.modes:
-                grads_file = os.path.join(folder, f"grads_{mode}_{batch_size}.pt")
-                estimate = per_image_mb.get(mode, 0.0) * batch_size * 1.1
-                available = _available_mb()
-                if device.type == "cpu" and estimate > available:
-                    rows.append([batch_size, mode, f"not run: needs ≈ {estimate / 1024:.1f} GB, "
-                                 f"{available / 1024:.1f} GB available"])
-                    print(f"# skipped {mode} at batch {batch_size}: {rows[-1][-1]}", flush=True)
-                    continue
-                r = run_configuration(args, mode, batch_size, grads_file)
-                if "error" in r:
-                    rows.append([batch_size, mode, f"failed: {r['error']}"])
-                    print(f"# {mode} at batch {batch_size} failed: {r['error']}", flush=True)
-                    continue
-                per_image_mb[mode] = max(per_image_mb.get(mode, 0.0), r["peak_mb"] / batch_size)
-                print(f"# {mode} batch {batch_size}: {json.dumps(r)}", flush=True)
-                if mode == "off":
-                    plain = (r, grads_file)
-                    rows.append([batch_size, mode, f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}", "1.00×",
-                                 f"{r['peak_mb']:.0f}", "100 %", "0 (reference)", "0"])
-                    continue
-                versus = [f"{r['step_s'] / plain[0]['step_s']:.2f}× (CPU {r['cpu_s'] / plain[0]['cpu_s']:.2f}×)",
-                          f"{100 * r['peak_mb'] / plain[0]['peak_mb']:.0f} %"] if plain else ["—", "—"]
-                difference = ["— (no plain step)", "—"]
-                if plain:
-                    relative, absolute = gradient_difference(plain[1], grads_file)
-                    difference = [f"{relative:.1e}", f"{absolute:.1e}"]
-                    os.remove(grads_file)
-                rows.append([batch_size, mode, f"{r['step_s']:.2f}", f"{r['cpu_s']:.2f}", versus[0],
-                             f"{r['peak_mb']:.0f}", versus[1], *difference])
+    with contextlib.ExitStack() as stack:
+        folder = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(folder, exist_ok=True)
+        rows = table_rows(args, device, folder)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

@@ -15,6 +15,9 @@ region by region, during the backward. The step computes exactly what it compute
   unchanged (same kernels, batch statistics as in the forward), so its activations equal the forward's bit for bit
   on a deterministic device.
 
+The recomputation also runs under the forward's autocast state (AMP), and it works inside DDP (non-reentrant
+checkpointing) and with channels_last; tests/test_activation_checkpointing.py compares each with the plain step.
+
 Switched on by class: a chosen module's class becomes a subclass of its own (``CheckpointedTransformerBlock`` for a
 ``TransformerBlock``) whose forward runs the original under the checkpoint. Parameter and buffer names are unchanged,
 so checkpoints load either way; ``isinstance`` still holds; ``"off"`` restores the original classes. Eval mode and
@@ -105,10 +108,10 @@ def _restore_plain_classes(model: nn.Module) -> None:
 def set_activation_checkpointing(model: nn.Module, granularity: str) -> int:
     """Recompute the HRFormer regions of ``model`` named by ``granularity`` in backward; the number of regions.
 
-    ``block``: every transformer block (the least memory kept between regions is not the aim; a block is the
-    smallest region); ``module``: every high-resolution module, i.e. a stage's blocks of all branches and their
-    fusion as one region (fewer, larger regions: less kept, one module's activations live at a time in backward).
-    ``off``: every region back to its plain class. Applies to every HRFormer inside ``model`` (a stage-1 or stage-2
+    ``block``: every transformer block (many small regions: the fusion layers between them keep their activations,
+    and one block's activations are alive at a time in backward); ``module``: every high-resolution module, its
+    blocks on all branches and their fusion as one region (fewer, larger regions: less is kept between them, and one
+    whole module's activations are alive at a time in backward). ``off``: every region back to its plain class. Applies to every HRFormer inside ``model`` (a stage-1 or stage-2
     model); a model without one cannot be checkpointed here and raises ``ValueError``.
     """
     if granularity not in GRANULARITIES:

@@ -87,8 +87,8 @@ def window_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q, k, v: (windows, heads, tokens, head_dim); bias: (heads, tokens, tokens). Two routes, equal up to rounding
     (3e-7 relative in float32, tests/test_fast_paths.py):
     - no gradient reaches the bias (eval, the frozen stage-2 backbone, inference): PyTorch's fused CPU kernel
-      (scaled_dot_product_attention, the bias as a float mask) takes about half the explicit softmax's time on
-      HRT-B's windows and never holds the windows × heads × tokens² scores (bench/inference.py);
+      (scaled_dot_product_attention, the bias as a float mask) takes 20–50 % of the explicit softmax's time on
+      HRT-B's windows at 512² and never holds the windows × heads × tokens² scores (bench/inference.py);
     - the bias needs a gradient (stage-1 training): no fused kernel of SDPA returns a mask gradient on the CPU, and
       its fallback runs slower than the explicit softmax while saving the same tensors, so the explicit softmax,
       in the official order of operations.

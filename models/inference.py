@@ -175,8 +175,9 @@ def _linear_with_padded_outputs(weight: torch.Tensor, bias: torch.Tensor, multip
     """A Linear computing x Wᵀ + b in its first ``len(weight)`` outputs, then zero outputs up to a multiple of 8.
 
     The caller slices the padding off (a view). Why: MKL's float32 GEMM is much faster when the output width is a
-    multiple of 8 — on HRT-B's widest branch q, k, v (234 columns) take 19.6 ms on one thread, 240 columns 10.8 ms;
-    the output projection (78 → 80) 6.5 → 4.1 ms, the FFN's second layer 26.0 → 21.3 ms.
+    multiple of 8 — on HRT-B's widest branch at 512² (one thread, this project's 2-core VM) q, k, v take 19.6 ms
+    with 234 columns and 10.8 ms with 240; the output projection 6.5 → 4.1 ms (78 → 80), the FFN's second layer
+    26.0 → 21.3 ms.
     """
     out_features, in_features = weight.shape
     padded = math.ceil(out_features / multiple) * multiple
