@@ -24,6 +24,9 @@ class ForgeryDataset(Dataset):
     empty, as the official test does), `path`, `size` (original H, W), `index`; with `keep_original` also
     `original`, the RGB uint8 image as read (what inference draws its heat map over, without reading it twice).
 
+    `input_size=None` (test mode only): the image at its own size, as uint8 3×H×W (a view of the pixels read; the
+    predictor divides by 255 tile by tile, `utils.evaluation.prediction.native_probability`), nothing resized.
+
     `augment` (default: on for train only) is the official pipeline of `datasets.augment`, seeded by `seed`.
     `perturb` is applied to the RGB uint8 image before anything else (robustness tests); the mask is untouched.
     An unreadable image or mask raises `ImageReadError` naming the file (wrap in `CatchReadErrors` to collect them).
@@ -33,7 +36,9 @@ class ForgeryDataset(Dataset):
                  perturb=None, seed: int | None = None, keep_original: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if input_size % gt_ratio:
+        if input_size is None and mode != "test":
+            raise ValueError("input_size=None (native resolution) is for test mode only")
+        if input_size is not None and input_size % gt_ratio:
             raise ValueError(f"input_size {input_size} is not a multiple of gt_ratio {gt_ratio}")
         self.rows = as_rows(rows)
         self.mode = mode
@@ -76,15 +81,19 @@ class ForgeryDataset(Dataset):
             image, mask = self.augmenter(image, mask)
 
         size = self.input_size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+        if size is None:  # native resolution: the uint8 pixels as they are
+            pixels = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
+        else:
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+            # /255 in numpy on a CHW copy: cheaper than torch converting a permuted view, which also competes for
+            # intra-op threads inside DataLoader workers.
+            pixels = torch.from_numpy(np.divide(image.transpose(2, 0, 1), np.float32(255), dtype=np.float32))
         if self.mode == "train":
             # As the official: the 0/255 mask is resized bilinearly, then re-thresholded.
             small = size // self.gt_ratio
             mask = cv2.resize(mask, (small, small), interpolation=cv2.INTER_LINEAR)
         item = {
-            # /255 in numpy on a CHW copy: cheaper than torch converting a permuted view, which also competes for
-            # intra-op threads inside DataLoader workers.
-            "image": torch.from_numpy(np.divide(image.transpose(2, 0, 1), np.float32(255), dtype=np.float32)),
+            "image": pixels,
             "mask": torch.from_numpy(mask > MASK_THRESHOLD).float().unsqueeze(0),
             "tampered": bool(mask_path),
             "path": image_path,

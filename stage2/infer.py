@@ -4,7 +4,10 @@
     python stage2/infer.py --weights runs/stage2/best.pth --input a.jpg --input 'shots/*.png' --out out --save-prob
 
 Pre-processing is the test protocol's (squash-resize to --input-size, /255), so the outputs mean what they mean in
-testing. Per image, in OUT: <name>_mask.png (0/255 at the original size, the official > 127 rule), <name>_heatmap.png
+testing; --resolution native runs each image at its own size instead (padded to a multiple of 32, in overlapping
+tiles blended across the seams above --tile pixels a side, so that memory stays bounded on huge images). The model
+runs through the fast inference path (models/inference.py: BatchNorm folded, channels-last, fused attention; maps
+equal to the plain eval forward's up to float rounding); --plain uses the plain forward. Per image, in OUT: <name>_mask.png (0/255 at the original size, the official > 127 rule), <name>_heatmap.png
 (the probability map over the image), with --save-prob <name>_prob.npy (float32 in [0, 1], original size); one
 scores.csv with the image-level score (the map's maximum, in [0, 1]). <name> is the file name less its extension,
 made unique when two inputs share it. Unreadable files are reported and skipped; the exit code is 0 when at least
@@ -29,7 +32,8 @@ from datasets.dataset import CatchReadErrors, ForgeryDataset, is_read_error
 from datasets.io import IMAGE_EXTENSIONS, ImageReadError, not_a_regular_file
 from models import load_trained_model
 from utils.entry import run_script
-from utils.evaluation.loop import UniqueNames, escape_text, single_item, write_csv
+from utils.evaluation.loop import (UniqueNames, add_resolution_arguments, escape_text, single_item, tiling_from,
+                                   write_csv)
 from utils.evaluation.prediction import predict_map, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import heatmap_overlay
 from utils.files import write_png
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image (default 0.5)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading the images (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    add_resolution_arguments(parser, default_fast=True)
     return parser
 
 
@@ -99,7 +104,7 @@ class ImagesToLocalise(Dataset):
     """Test-mode items of images without ground truth (the protocol's pre-processing) plus the original RGB image,
     which the heat map is drawn over."""
 
-    def __init__(self, paths: list[str], names: list[str], input_size: int):
+    def __init__(self, paths: list[str], names: list[str], input_size: int | None):
         self.rows = [(path, "") for path in paths]  # an empty mask path = no ground truth
         self.names = names
         self.base = ForgeryDataset(self.rows, mode="test", input_size=input_size, keep_original=True)
@@ -124,7 +129,7 @@ def read_scores(path: Path) -> dict[str, dict]:
 
 def localise(model, dataset, out: Path, device, args, stop) -> tuple[dict[str, dict], list[tuple[str, str]], bool]:
     """Outputs of every readable image; (scores by name, failures, whether `stop()` ended it early)."""
-    predict = probability_predictor(model)
+    predict = probability_predictor(model, fast=args.fast)
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_item)
     scores, failures = {}, []
@@ -135,7 +140,7 @@ def localise(model, dataset, out: Path, device, args, stop) -> tuple[dict[str, d
             failures.append((item["bad_file"], str(ImageReadError(item["bad_file"], item["error"]))))
             continue
         original = item["original"]
-        prediction = predict_map(predict, item["image"], original.shape[:2], device)
+        prediction = predict_map(predict, item["image"], original.shape[:2], device, args.tiling)
         paths = output_paths(out, item["name"], args.save_prob)
         write_mask(paths["mask"], prediction)
         write_png(paths["heatmap"], heatmap_overlay(original, prediction.probability(), args.alpha))
@@ -161,11 +166,13 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
-    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size)})  # a copy
+    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size),  # a copy
+                                 "tiling": tiling_from(args)})
     out.mkdir(parents=True, exist_ok=True)
     scores, failures, stopped = {}, [], False
     if todo:
-        dataset = ImagesToLocalise([p for p, _ in todo], [n for _, n in todo], args.input_size)
+        size = None if args.tiling is not None else args.input_size
+        dataset = ImagesToLocalise([p for p, _ in todo], [n for _, n in todo], size)
         with stop_requests() as stop:
             scores, failures, stopped = localise(trained.model, dataset, out, device, args, stop)
 

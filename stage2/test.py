@@ -8,10 +8,16 @@ Per image, as the official test.py: squash-resize to --input-size, sigmoid at 1/
 ground truth's size, > 127. Writes OUT/metrics.json (every list), OUT/<list>/per_image.csv, OUT/settings.yaml,
 with --save-masks / --save-prob OUT/<list>/masks/<name>.png and OUT/<list>/prob/<name>.npy, and with --robustness
 or --perturb OUT/robustness.csv and OUT/robustness.png.
+
+--resolution native runs each image at its own size instead (padded to a multiple of 32, in blended overlapping
+tiles above --tile pixels a side): not the protocol, so its numbers are not comparable with published ones. --fast
+uses the prepared inference model (models/inference.py): the same maps up to float rounding, faster; the plain
+eval forward stays the default so that the protocol's numbers are exactly what they were.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -32,8 +38,8 @@ from models import load_trained_model
 from utils.config import get_default_config, load_config
 from utils.entry import run_script
 from models.registry import sha256_of
-from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, environment, evaluate, json_safe,
-                                   write_csv)
+from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_resolution_arguments,
+                                   environment, evaluate, json_safe, tiling_from, write_csv)
 from utils.evaluation.metrics import DATASET_METRICS
 from utils.evaluation.prediction import probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import plot_robustness
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip unreadable images or masks (counted in the report) instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out folder that is not empty")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_resolution_arguments(parser, default_fast=False)
     return parser
 
 
@@ -174,6 +181,9 @@ def save_settings(out: Path, args, argv, trained, lists, device, num_workers, pe
         "load_notes": trained.notes,
         "lists": lists,
         "input_size": args.input_size,
+        "resolution": args.resolution,
+        "tiling": None if args.tiling is None else dataclasses.asdict(args.tiling),
+        "fast_path": args.fast,
         "device": str(device),
         "num_workers": num_workers,
         "save_masks": args.save_masks,
@@ -200,8 +210,9 @@ def run_robustness(predict, datasets_rows, clean_results, perturbations, args, d
         rows.append({"dataset": name, "distortion": "clean", "level": None,
                      **{k: clean_results[name][k] for k in METRIC_COLUMNS}})
         for perturbation in perturbations:
-            dataset = ForgeryDataset(rows_of_list, mode="test", input_size=args.input_size, perturb=perturbation)
+            dataset = test_dataset(rows_of_list, args, perturbation)
             results = evaluate(predict, dataset, device, num_workers=num_workers, desc=f"{name} {perturbation.name}",
+                               tiling=args.tiling,
                                progress=not args.no_progress, skip_bad=args.skip_bad)
             rows.append({"dataset": name, "distortion": perturbation.kind, "level": plain_number(perturbation.level),
                          **{k: results[k] for k in METRIC_COLUMNS}})
@@ -222,6 +233,12 @@ def plot_rows(robustness_rows: list[dict]) -> list[dict]:
     return list(points.values())
 
 
+def test_dataset(rows, args, perturb=None) -> ForgeryDataset:
+    """The list's images as the model sees them: squash-resized to --input-size, or at their own size (native)."""
+    size = None if args.tiling is not None else args.input_size
+    return ForgeryDataset(rows, mode="test", input_size=size, perturb=perturb)
+
+
 def constant_predictor(value: float):
     """A 'model' predicting `value` everywhere: the trivial baselines."""
     def predict(images):
@@ -238,7 +255,8 @@ def main(argv=None) -> dict:
     perturbations = perturbations_from(args)
     device = resolve_device(args.device)
     trained = load_trained_model(args.weights, args.backbone, args.head, device)
-    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size)})  # a copy
+    args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size),  # a copy
+                                 "tiling": tiling_from(args)})
     lists = resolve_lists(args, config, trained)
     datasets_rows = {name: read_flist(path) for name, path in lists.items()}
     num_workers = (args.num_workers if args.num_workers is not None
@@ -246,14 +264,15 @@ def main(argv=None) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_settings(out, args, argv, trained, lists, device, num_workers, perturbations)
-    predict = probability_predictor(trained.model)
+    predict = probability_predictor(trained.model, fast=args.fast)
     results, summary = {}, []
     with stop_requests() as stop:
         for name, rows in datasets_rows.items():
             result = score_list(predict, name, rows, lists[name], out, args, device, num_workers, stop)
             results[name], table_rows = list_results(name, result, lists[name], rows, args, device, num_workers)
             summary += table_rows
-    report = {"protocol": PROTOCOL, "weights": os.path.abspath(args.weights), "datasets": results}
+    report = {"protocol": PROTOCOL, "resolution": args.resolution, "weights": os.path.abspath(args.weights),
+              "datasets": results}
     robustness = None
     if perturbations:
         robustness = run_robustness(predict, datasets_rows, results, perturbations, args, device, num_workers)
@@ -264,11 +283,12 @@ def main(argv=None) -> dict:
 def score_list(predict, name, rows, list_path, out, args, device, num_workers, stop) -> dict:
     """Score one list, writing its per-image CSV (also for the images done when stopped) and masks."""
     on_image, names = output_saver(out / name, args.save_masks, args.save_prob)
-    dataset = ForgeryDataset(rows, mode="test", input_size=args.input_size)
+    dataset = test_dataset(rows, args)
     csv_path = out / name / "per_image.csv"
     try:
         result = evaluate(predict, dataset, device, num_workers=num_workers, desc=name,
-                          progress=not args.no_progress, on_image=on_image, skip_bad=args.skip_bad, stop=stop)
+                          progress=not args.no_progress, on_image=on_image, skip_bad=args.skip_bad, stop=stop,
+                          tiling=args.tiling)
     except ImageReadError as error:
         raise ImageReadError(error.path, f"{error.problem} (listed in {list_path}); pass --skip-bad to skip "
                                          "unreadable images and count them instead") from None
@@ -292,10 +312,10 @@ def list_results(name, result, list_path, rows, args, device, num_workers) -> tu
     entry["list"] = list_path
     table_rows = [summary_row(name, result)]
     if args.baselines:
-        dataset = ForgeryDataset(rows, mode="test", input_size=args.input_size)
+        dataset = test_dataset(rows, args)
         for label, constant in (("all-forged", 1.0), ("all-authentic", 0.0)):
             baseline = evaluate(constant_predictor(constant), dataset, device, num_workers=num_workers,
-                                desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad)
+                                desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad, tiling=args.tiling)
             entry[label] = {k: v for k, v in baseline.items() if k != "per_image"}
             table_rows.append(summary_row(f"{name} {label}", baseline))
     return entry, table_rows

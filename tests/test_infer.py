@@ -49,13 +49,16 @@ def read_scores(out):
         return {row["name"]: row for row in csv.DictReader(f)}
 
 
+# The fast inference path (the default) equals the protocol up to float rounding (issue: ≤ 1e-5); --plain is the
+# eval forward itself, equal to the reference up to the resize's rounding.
+@pytest.mark.parametrize("path_flags,atol", [([], 1e-5), (["--plain"], 2e-6)], ids=["fast", "plain"])
 @pytest.mark.parametrize("kind", ["ours", "official"])
-def test_outputs_at_original_size_follow_the_protocol(photos, weights, tmp_path, capsys, kind):
+def test_outputs_at_original_size_follow_the_protocol(photos, weights, tmp_path, capsys, kind, path_flags, atol):
     folder, extra, inputs = photos
     weights_path, model = weights[kind]
     out = tmp_path / "out"
     backbone = ["--backbone", "hrt_nano"] if kind == "official" else []  # official files hold no config
-    summary = run(folder, extra, weights_path, out, "--save-prob", *backbone)
+    summary = run(folder, extra, weights_path, out, "--save-prob", *backbone, *path_flags)
 
     assert sorted(summary["processed"]) == sorted(inputs)
     assert [path for path, _ in summary["failed"]] == [str(folder / "corrupt.png")]
@@ -68,7 +71,7 @@ def test_outputs_at_original_size_follow_the_protocol(photos, weights, tmp_path,
         prob = np.load(out / f"{name}_prob.npy")
         assert prob.dtype == np.float32 and prob.shape == (height, width)
         assert prob.min() >= 0 and prob.max() <= 1
-        np.testing.assert_allclose(prob, reference_probability(model, path), atol=2e-6)
+        np.testing.assert_allclose(prob, reference_probability(model, path), atol=atol)
 
         mask = np.asarray(Image.open(out / f"{name}_mask.png"))
         assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}

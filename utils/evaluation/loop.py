@@ -25,11 +25,46 @@ from datasets.dataset import CatchReadErrors, is_read_error
 from datasets.io import ImageReadError
 from utils.files import atomic_write_text
 from utils.evaluation.metrics import PER_IMAGE_METRICS, PIXEL_KEYS, ImageMetrics, PixelMetrics
-from utils.evaluation.prediction import predict_map
+from utils.evaluation.prediction import Tiling, predict_map
 
 # Columns of the per-image rows, in CSV order; pixel metrics are empty for authentic images.
 PER_IMAGE_COLUMNS = ("name", "path", "tampered", "score", "height", "width", "forged_fraction",
                      "predicted_fraction") + tuple(PER_IMAGE_METRICS)
+
+
+RESOLUTIONS = ("protocol", "native")
+
+
+def add_resolution_arguments(parser, default_fast: bool) -> None:
+    """The options test.py and infer.py share: the resolution the model sees, tiling, and the fast path."""
+    parser.add_argument("--resolution", choices=RESOLUTIONS, default="protocol",
+                        help="protocol (default): squash-resize to --input-size, what the published numbers mean; "
+                             "native: the image at its own size, padded to a multiple of 32, tiled when large")
+    parser.add_argument("--tile", type=int, default=Tiling.tile,
+                        help=f"native: images larger than this (pixels a side, a multiple of 32) run in overlapping "
+                             f"tiles of this size, blended across the seams; 0 = never tile (default {Tiling.tile})")
+    parser.add_argument("--tile-overlap", type=int, default=Tiling.overlap,
+                        help=f"native: overlap of neighbouring tiles in pixels, a multiple of 32 "
+                             f"(default {Tiling.overlap})")
+    if default_fast:
+        parser.add_argument("--plain", dest="fast", action="store_false",
+                            help="the plain eval forward instead of the fast inference path (same maps up to "
+                                 "rounding, slower)")
+    else:
+        parser.add_argument("--fast", action="store_true",
+                            help="the fast inference path (BatchNorm folded, channels-last, fused attention): the "
+                                 "same maps up to float rounding (≤ 1e-5), faster; off by default so that the "
+                                 "protocol's numbers stay bit for bit what they are")
+
+
+def tiling_from(args) -> Tiling | None:
+    """The `Tiling` of --resolution native (None for the protocol's squash-resize); a bad size is a SystemExit."""
+    if args.resolution != "native":
+        return None
+    try:
+        return Tiling(args.tile, args.tile_overlap)
+    except ValueError as error:
+        raise SystemExit(f"--tile/--tile-overlap: {error}") from None
 
 
 class EvaluationStopped(Exception):
@@ -53,14 +88,15 @@ def _mask_2d(mask: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device, num_workers: int = 0,
              desc: str = "evaluating", progress: bool = True, on_image: Callable | None = None,
-             skip_bad: bool = False, stop: Callable[[], bool] = lambda: False) -> dict:
+             skip_bad: bool = False, stop: Callable[[], bool] = lambda: False, tiling=None) -> dict:
     """Metrics of `predict` on `dataset` (a `ForgeryDataset` in test/val mode: masks at their original size).
 
     `on_image(item, prediction)` is called for every image with its `ProbabilityMap` at the original size (saving
     masks, probability maps, logging a few predictions). An unreadable image or mask raises `ImageReadError` naming
     the file, or with `skip_bad` is left out and listed in `skipped` as (path, message). When `stop()` says so
     (a Ctrl-C, see `utils.interrupt`), scoring stops between images with `EvaluationStopped`, which carries the
-    rows of the images done. Returns the merged pixel and image metrics, `per_image` rows (every scored image,
+    rows of the images done. `tiling` (a `prediction.Tiling`): the dataset gives images at their own size
+    (`input_size=None`), predicted at native resolution. Returns the merged pixel and image metrics, `per_image` rows (every scored image,
     columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
     """
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, shuffle=False, num_workers=num_workers,
@@ -77,7 +113,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: t
             skipped.append((item["bad_file"], str(error)))
             continue
         gt = _mask_2d(item["mask"])
-        prediction = predict_map(predict, item["image"], gt.shape, device)
+        prediction = predict_map(predict, item["image"], gt.shape, device, tiling)
         tampered = item["tampered"]
         row = {"path": item["path"], "tampered": tampered, "score": prediction.score}
         if tampered:  # pixel metrics on tampered images only, as in MPC
