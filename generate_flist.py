@@ -1,9 +1,15 @@
-"""Build a checked file list (`<out>/<name>_<N>.npy`, the official (N, 2) format) for a dataset or plain folders.
+"""Build a checked file list (`<out>/<name>_<N>.npy`, the official (N, 2) format, and/or IMDLBenCo's `.json`) for a
+dataset or plain folders; convert lists between the two formats; compare a dataset folder with its manifest.
 
     python generate_flist.py --dataset casia1 --root ../shared/data/CASIA1/samples_from_combine_png --name CASIAv1
     python generate_flist.py --images DIR --masks DIR --mask-suffix _gt --name MySet
     python generate_flist.py --pairs pairs.csv --authentic real/ --name MySet
     python generate_flist.py --show flist/CASIAv1_36.npy
+    python generate_flist.py --dataset columbia --root /data/Columbia --name Columbia --format both
+    python generate_flist.py --convert Columbia.json --out flist          # IMDLBenCo JSON -> flist/Columbia_<N>.npy
+    python generate_flist.py --convert flist/CASIAv1_920.npy --out lists  # .npy -> lists/CASIAv1_920.json
+    python generate_flist.py --dataset casia1 --root /data/CASIA1 --check-manifest
+    python generate_flist.py --manifests
     python generate_flist.py --synthetic 2000 --size 512 --name synth --out data/synth [--sources my_photos/]
 
 Images and masks are paired by name, never by sorted position. Every row is checked (missing, unreadable or
@@ -17,6 +23,13 @@ official format, whose reader means "> 127 = forged"; they are written as 0/255 
 
 Paths are stored absolute, or relative to --relative-to DIR; relative paths in a list are opened relative to the
 current directory (as the official code does), so run training and testing from DIR.
+
+JSON lists are IMDLBenCo's: a JSON array of [image, mask] pairs, "Negative" as the mask of an authentic image (''
+in .npy lists). Training, testing and --show read either format.
+
+With --dataset, the images found are compared with the dataset's manifest (datasets/manifests.py: the numbers of
+tampered and authentic images a complete copy holds): a difference is a warning naming the first missing files where
+the names follow a rule, or an error with --strict-manifest.
 """
 import os
 import sys
@@ -33,10 +46,11 @@ from datasets.adapters import (  # noqa: E402
     ADAPTERS, AdapterError, Listing, authentic_folder, list_dataset, pair_folders, pairs_from_file,
 )
 from datasets.flist import (  # noqa: E402
-    CHECK_IMAGE_MODES, ERROR, FileListError, Problem, as_rows, check_rows, convert_masks, read_flist, relative_rows,
-    write_flist,
+    CHECK_IMAGE_MODES, ERROR, LIST_FORMATS, FileListError, Problem, as_rows, check_rows, convert_masks, read_flist,
+    relative_rows, write_flist, write_flist_file,
 )
 from datasets.io import ImageReadError  # noqa: E402
+from datasets.manifests import check_manifest, manifest_table  # noqa: E402
 from datasets.synthetic import KINDS, SCENE_SHAPES, make_synthetic_set, parse_shape_range  # noqa: E402
 from utils.entry import run_script  # noqa: E402
 from utils.files import atomic_write_text  # noqa: E402
@@ -68,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "converted masks are written")
     output = parser.add_argument_group("output")
     output.add_argument("--name", help="list name; the file is <out>/<name>_<N>.npy")
-    output.add_argument("--out", default="flist", help="output folder (default: flist)")
+    output.add_argument("--out", help="output folder (default: flist; with --convert: the input list's folder)")
+    output.add_argument("--format", choices=LIST_FORMATS + ("both",),
+                        help="npy: the official list (default); json: IMDLBenCo's JSON list ('Negative' = authentic); "
+                             "both: the two side by side. With --convert: the format to write (default: the other "
+                             "one)")
     output.add_argument("--relative-to", metavar="DIR",
                         help="store paths relative to DIR (default: absolute paths)")
     output.add_argument("--check-images", choices=CHECK_IMAGE_MODES, default="header",
@@ -77,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--skip-bad", action="store_true",
                         help="write the good rows and a report when some rows have errors")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    manifest = parser.add_argument_group("dataset manifests (datasets/manifests.py)")
+    manifest.add_argument("--strict-manifest", action="store_true",
+                          help="with --dataset: a count that differs from the dataset's manifest is an error (nothing "
+                               "written) instead of a warning")
+    manifest.add_argument("--check-manifest", action="store_true",
+                          help="with --dataset and --root: only compare the folder with the manifest; no list written, "
+                               "no row checked")
+    manifest.add_argument("--manifests", action="store_true", help="print the manifest table and exit")
     synthetic = parser.add_argument_group("synthetic forgeries (datasets/synthetic.py): images, masks and their list "
                                           "written into --out")
     synthetic.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic images and list them")
@@ -89,16 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--shapes", type=shape_range, default=SCENE_SHAPES, metavar="N or FEWEST,MOST",
                            help="flat shapes per procedural scene (default 3,8; 0 = plain scenes, the easiest to "
                                 "learn from)")
-    parser.add_argument("--show", metavar="LIST.npy", help="print an existing list's summary and first rows")
+    parser.add_argument("--show", metavar="LIST", help="print an existing list's (.npy or .json) summary and first "
+                                                       "rows")
+    parser.add_argument("--convert", metavar="LIST",
+                        help="convert a list between .npy and IMDLBenCo .json (rows unchanged, 'Negative' <-> ''); "
+                             "writes <out>/<name>_<N>.<format>, the name from --name or the input's file name")
     parser.add_argument("--rows", type=int, default=5, help="with --show: how many rows to print (default 5)")
     return parser
 
 
-def gather(args) -> Listing:
-    """The pairs and authentic images the arguments ask for."""
-    listing = Listing()
+def gather(args) -> tuple[Listing, list]:
+    """The pairs and authentic images the arguments ask for, and with --dataset the comparison with its manifest."""
+    listing, checks = Listing(), []
     if args.dataset:
         listing = list_dataset(args.dataset, args.root)
+        checks = check_manifest(args.dataset, listing, args.with_authentic)
         if not args.with_authentic:
             listing.authentic = []
     elif args.images:
@@ -107,7 +138,18 @@ def gather(args) -> Listing:
         listing = pairs_from_file(args.pairs)
     for folder in args.authentic:
         listing.extend(authentic_folder(folder))
-    return listing
+    return listing, checks
+
+
+def report_manifest(checks, strict: bool, stream=None) -> bool:
+    """Print the manifest comparison (a difference on stderr unless `stream` is given); True when it differs and
+    --strict-manifest makes that an error."""
+    for check in checks:
+        if check.ok:
+            print(f"manifest: {check.message()}", file=stream or sys.stdout)
+        else:
+            print(f"{'error' if strict else 'warning'}: manifest: {check.message()}", file=stream or sys.stderr)
+    return strict and not all(check.ok for check in checks)
 
 
 def shape_range(text: str) -> tuple[int, int]:
@@ -128,8 +170,24 @@ def write_synthetic(args) -> int:
 
 def validate(parser: argparse.ArgumentParser, args) -> None:
     sources = [bool(args.dataset), bool(args.images or args.masks), bool(args.pairs), args.synthetic is not None]
+    if args.convert:
+        if any(sources) or args.authentic:
+            parser.error("--convert takes a list only: no --dataset, --images/--masks, --pairs, --synthetic, "
+                         "--authentic")
+        if args.relative_to or args.skip_bad or args.check_manifest or args.strict_manifest:
+            parser.error("--convert copies the rows as they are: --relative-to, --skip-bad and the manifest options "
+                         "do not apply")
+        return
     if sum(sources) > 1:
         parser.error("give only one of --dataset, --images/--masks, --pairs, --synthetic")
+    if (args.check_manifest or args.strict_manifest) and not args.dataset:
+        parser.error("--check-manifest and --strict-manifest go with --dataset (the standard sets have manifests)")
+    if args.check_manifest:
+        if not args.root:
+            parser.error("--dataset needs --root")
+        return
+    if args.synthetic is not None and args.format not in (None, "npy"):
+        parser.error("--synthetic writes an .npy list; convert it afterwards with --convert")
     if not any(sources) and not args.authentic:
         parser.error("nothing to list: give --dataset and --root, --images and --masks, --pairs, or --authentic")
     if args.dataset and not args.root:
@@ -185,8 +243,45 @@ def make_out_folder(out: Path) -> None:
         raise FileListError(f"--out '{out}': cannot create the folder ({error.strerror})") from None
 
 
+def list_file_name(name: str, count: int) -> str:
+    """`<name>_<N>`, the official list naming; a name that already ends with _<N> is kept."""
+    return name if name.endswith(f"_{count}") else f"{name}_{count}"
+
+
+def convert(args) -> int:
+    """Write the list `--convert` names in the other format (or --format), beside it or in --out."""
+    source = Path(args.convert)
+    rows = read_flist(source)
+    source_format = source.suffix.lower().lstrip(".")
+    formats = [f for f in LIST_FORMATS if f != source_format] if args.format is None else (
+        list(LIST_FORMATS) if args.format == "both" else [args.format])
+    out = Path(args.out) if args.out is not None else source.parent
+    make_out_folder(out)
+    name = list_file_name(args.name or source.stem, len(rows))
+    authentic = int(np.sum(rows[:, 1] == ""))
+    for list_format in formats:
+        target = out / f"{name}.{list_format}"
+        if target.resolve() == source.resolve():
+            raise FileListError(f"--convert '{source}': the output would overwrite the input; give --out or --name")
+        path = write_flist_file(rows, target)
+        print(f"wrote {path} ({len(rows)} rows, {authentic} authentic)")
+    return 0
+
+
+def manifest_only(args) -> int:
+    listing = list_dataset(args.dataset, args.root)
+    checks = check_manifest(args.dataset, listing, with_authentic=True)
+    print(f"{args.dataset} ({args.root}):")
+    failed = report_manifest(checks, args.strict_manifest, stream=sys.stdout)
+    return 1 if failed else 0
+
+
 def generate(args) -> int:
-    listing = gather(args)
+    listing, checks = gather(args)
+    if report_manifest(checks, args.strict_manifest):
+        print("not written: the folder does not hold what the dataset's manifest says (--strict-manifest)",
+              file=sys.stderr)
+        return 1
     pairs = listing.pairs
     rows = as_rows([(os.path.abspath(p.image), os.path.abspath(p.mask)) for p in pairs]
                    + [(os.path.abspath(image), "") for image in listing.authentic])
@@ -214,8 +309,11 @@ def generate(args) -> int:
     final = convert_masks(rows[good], [kinds[i] for i in good], out / "masks" / args.name)
     if args.relative_to:
         final = relative_rows(final, args.relative_to)
-    path = write_flist(final, out, args.name)
-    print(f"wrote {path} ({len(final)} rows)")
+    formats = list(LIST_FORMATS) if args.format == "both" else [args.format or "npy"]
+    paths = [write_flist(final, out, args.name, list_format) for list_format in formats]
+    path = paths[0]
+    for written in paths:
+        print(f"wrote {written} ({len(final)} rows)")
     if report.problems:
         report_path = atomic_write_text(path.with_suffix(".report.txt"),
                                         report.summary(first=len(report.problems)) + "\n")
@@ -227,9 +325,18 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.manifests:
+            print(manifest_table())
+            return 0
         if args.show:
             return show(args.show, args.rows)
         validate(parser, args)
+        if args.convert:
+            return convert(args)
+        if args.check_manifest:
+            return manifest_only(args)
+        if args.out is None:
+            args.out = "flist"
         return write_synthetic(args) if args.synthetic is not None else generate(args)
     except (AdapterError, FileListError, ImageReadError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,7 +1,11 @@
-"""File lists: the official `.npy` (N, 2) format, written atomically and checked row by row.
+"""File lists: the official `.npy` (N, 2) format and IMDLBenCo's JSON lists, written atomically and checked row by row.
 
 A file list is a NumPy unicode array of shape (N, 2): (image path, mask path), one row per sample; an empty mask
 path means an authentic image (an all-zero mask). Lists are saved as `<name>_<N>.npy`, as the official scripts do.
+
+The same rows can be a `.json` list as IMDLBenCo's `JsonDataset` reads it: a JSON array of `[image path, mask path]`
+pairs where the mask `"Negative"` marks an authentic image. `read_flist` reads both (by the file's extension) and
+returns the same array; `"Negative"` becomes ''.
 
 Relative paths in a list are relative to the current working directory, exactly as the official code opens them,
 so official lists load unchanged.
@@ -13,6 +17,7 @@ at. The check reports a mask the rule would misread (`datasets.io.mask_conventio
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +33,7 @@ from datasets.io import (
 )
 from datasets.mixture import RepeatedRows
 from utils.errors import UserError
-from utils.files import atomic_output, write_png
+from utils.files import atomic_output, atomic_write_text, write_png
 
 MASK_KINDS = ("binary", "inverted", "columbia_edge", "nonzero", "colour", "alpha")
 CHECK_IMAGE_MODES = ("header", "full")
@@ -56,13 +61,18 @@ class FileListError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------------- the format
 
 def read_flist(path) -> np.ndarray:
-    """Load a file list as an (N, 2) array of str (image path, mask path; '' = authentic)."""
+    """Load a file list (`.npy`, or an IMDLBenCo `.json`) as an (N, 2) array of str (image path, mask path;
+    '' = authentic)."""
     path = Path(path)
     problem = not_a_regular_file(path)
     if problem is not None:
         raise FileListError(f"file list '{path}': {problem}")
-    if path.suffix != ".npy":
-        raise FileListError(f"file list '{path}': not a .npy file (file lists are NumPy .npy arrays of shape (N, 2))")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return read_json_flist(path)
+    if suffix != ".npy":
+        raise FileListError(f"file list '{path}': not a .npy or .json file (file lists are NumPy .npy arrays of shape "
+                            f"(N, 2), or JSON arrays of [image, mask] pairs)")
     with open(path, "rb") as handle:
         if handle.read(6) != b"\x93NUMPY":
             raise FileListError(f"file list '{path}': not a readable .npy file (no NumPy header)")
@@ -86,6 +96,84 @@ def read_flist(path) -> np.ndarray:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- IMDLBenCo JSON lists
+
+JSON_AUTHENTIC = "Negative"  # IMDLBenCo's mask entry for an authentic image (compared exactly, as IMDLBenCo does)
+IMDLBENCO_DATASET_KINDS = ("ManiDataset", "JsonDataset", "BalancedDataset")
+LIST_FORMATS = ("npy", "json")
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_json_flist(path) -> np.ndarray:
+    """An IMDLBenCo JSON list (`[[image, mask or "Negative"], ...]`) as the (N, 2) array `read_flist` returns.
+
+    Paths are kept as written (IMDLBenCo opens them as given, relative paths from the current directory, as our
+    `.npy` lists are). `"Negative"` (and '') mean authentic. Anything else is refused naming the file and the entry:
+    text that is not UTF-8, malformed JSON (with its line and column), a top level that is not an array, an empty
+    array, an entry that is not a pair of strings, an empty image path, IMDLBenCo's other JSON files (the
+    `test_dataset.json` object of dataset paths, a BalancedDataset list of [dataset class, path]).
+    """
+    path = Path(path)
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise FileListError(f"file list '{path}': {problem}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise FileListError(f"file list '{path}': not UTF-8 text (byte 0x{data[error.start]:02X} at offset "
+                            f"{error.start}); JSON lists are UTF-8") from None
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FileListError(f"file list '{path}': not valid JSON (line {error.lineno}, column {error.colno}: "
+                            f"{error.msg})") from None
+    except RecursionError:
+        raise FileListError(f"file list '{path}': JSON nested too deeply to be a list of [image, mask] pairs") from None
+    if isinstance(entries, dict):
+        hint = (" (this looks like an IMDLBenCo test_dataset.json, which maps names to datasets; give the lists it "
+                "names instead)" if entries and all(isinstance(v, str) for v in entries.values()) else "")
+        raise FileListError(f"file list '{path}': expected a JSON array of [image, mask] pairs, found an object{hint}")
+    if not isinstance(entries, list):
+        raise FileListError(f"file list '{path}': expected a JSON array of [image, mask] pairs, found "
+                            f"{_shown(entries)}")
+    if not entries:
+        raise FileListError(f"file list '{path}': the list is empty")
+    rows = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise FileListError(f"file list '{path}': entry {index} is {_shown(entry)}, expected a pair "
+                                f"[image path, mask path or \"{JSON_AUTHENTIC}\"]")
+        image, mask = entry
+        for role, value in (("image path", image), ("mask path", mask)):
+            if not isinstance(value, str):
+                raise FileListError(f"file list '{path}': entry {index}: the {role} is {_shown(value)}, "
+                                    f"expected a string")
+        if image == "":
+            raise FileListError(f"file list '{path}': entry {index} has an empty image path")
+        if index == 0 and image in IMDLBENCO_DATASET_KINDS:
+            raise FileListError(f"file list '{path}': entry 0 names the dataset class '{image}': this is an "
+                                f"IMDLBenCo BalancedDataset list of datasets, not a list of images")
+        rows.append((image, "" if mask == JSON_AUTHENTIC else mask))
+    return np.asarray(rows, dtype=str).reshape(-1, 2)
+
+
+def json_flist_text(rows) -> str:
+    """The JSON text of a list, one `[image, mask]` pair a line, `"Negative"` for authentic rows, UTF-8 paths kept
+    as they are."""
+    lines = []
+    for index, (image, mask) in enumerate(as_rows(rows)):
+        if mask == JSON_AUTHENTIC:
+            raise FileListError(f"row {index}: the mask path '{mask}' would read back as an authentic image in a JSON "
+                                f"list; give it a folder (e.g. './{mask}')")
+        lines.append("    " + json.dumps([str(image), str(mask) or JSON_AUTHENTIC], ensure_ascii=False))
+    return "[\n" + ",\n".join(lines) + "\n]\n"
+
+
 def as_rows(rows) -> np.ndarray | RepeatedRows:
     """(N, 2) unicode array from any sequence of (image, mask) pairs; a lazily repeated `RepeatedRows` passes."""
     if isinstance(rows, RepeatedRows):
@@ -97,14 +185,36 @@ def as_rows(rows) -> np.ndarray | RepeatedRows:
                          f"{type(rows).__name__} of shape {np.shape(rows)}") from None
 
 
-def write_flist(rows, out_dir, name: str) -> Path:
-    """Save rows as `<out_dir>/<name>_<N>.npy` atomically (temp file + rename), creating `out_dir`."""
+def write_flist(rows, out_dir, name: str, list_format: str = "npy") -> Path:
+    """Save rows as `<out_dir>/<name>_<N>.npy` (or `.json`, IMDLBenCo's format) atomically (temp file + rename),
+    creating `out_dir`."""
+    if list_format not in LIST_FORMATS:
+        raise ValueError(f"list_format must be one of {LIST_FORMATS}, got '{list_format}'")
     array = as_rows(rows)
     if array.shape[0] == 0:
         raise FileListError(f"file list '{name}': refusing to write an empty list")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}_{array.shape[0]}.npy"
+    path = out_dir / f"{name}_{array.shape[0]}.{list_format}"
+    return write_flist_file(array, path)
+
+
+def write_flist_file(rows, path) -> Path:
+    """Save rows at exactly `path`, in the format its extension names (.npy or .json), atomically."""
+    path = Path(path)
+    array = as_rows(rows)
+    if array.shape[0] == 0:
+        raise FileListError(f"file list '{path}': refusing to write an empty list")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            text = json_flist_text(array)
+        except FileListError as error:
+            raise FileListError(f"file list '{path}': {error}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(path, text)
+    if suffix != ".npy":
+        raise FileListError(f"file list '{path}': unknown list format '{path.suffix}' (.npy or .json)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as stream:
         np.save(stream, array, allow_pickle=False)
     return path
