@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo clean-demo mutants
+.PHONY: test demo clean-demo mutants app test-app
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,3 +84,21 @@ mutants: $(VENV)/.mutmut-installed
 	  END { for (m in n) { line = sprintf("  %-32s %4d mutants:", m, n[m]); \
 	        for (k in s) if (c[m, k]) line = line sprintf("  %s %d", k, c[m, k]); print line } }' | sort
 	@echo; echo "not killed:"; cd $(MUTANTS_DIR) && ../$(VENV)/bin/mutmut results
+
+# The interactive viewer (README, "Interactive viewer"): gradio and selenium from requirements-app.txt, installed by
+# stage2/install_app.py without changing torch, torchvision, numpy, pillow or opencv. `make test` never needs them.
+APP_WEIGHTS ?= weights/mpc_demo_hrt_nano_stage2.pth
+APP_PORT ?= 7860
+APP_FOLDER ?=
+
+$(VENV)/.app-installed: $(VENV)/.installed requirements-app.txt stage2/install_app.py
+	$(PY) stage2/install_app.py requirements-app.txt
+	touch $@
+
+# http://127.0.0.1:$(APP_PORT) with the shipped demo weights; APP_FOLDER=photos/ offers that folder's images.
+app: $(VENV)/.app-installed
+	$(PY) stage2/app.py --weights $(APP_WEIGHTS) --port $(APP_PORT) $(if $(APP_FOLDER),--folder $(APP_FOLDER))
+
+# The viewer's tests: its functions, then the page in headless Chromium (Debian's chromium and chromium-driver).
+test-app: $(VENV)/.app-installed
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests_app
