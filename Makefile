@@ -102,3 +102,4 @@ app: $(VENV)/.app-installed
 # The viewer's tests: its functions, then the page in headless Chromium (Debian's chromium and chromium-driver).
 test-app: $(VENV)/.app-installed
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests_app
+

@@ -7,9 +7,11 @@ Two tables, and a third on request:
    (inference) and forward + backward with the bias gradient (stage-1 training); milliseconds (median) and the MiB
    autograd keeps for backward. This is the measurement behind `models.hrformer.window_softmax_attention`.
 2. **Inference** at --size², batch --batch, --threads threads, per model: the plain path as it was before this
-   path existed (explicit-softmax attention), the plain path as shipped (eval forward, fused attention), and the
-   fast path. Speed: one process per model runs the three paths' calls interleaved (1, 2, 3, 1, 2, 3, ...), so
-   that other jobs on a shared machine slow them alike: images/s = median of --runs calls per path after a
+   path existed (explicit-softmax attention), the plain path as shipped (eval forward, fused attention), the
+   fast path, and the model exported to ONNX (models/export.py, once per model before the rows) run by ONNX
+   Runtime with --threads intra-op threads (when onnx and onnxruntime are installed, requirements.txt;
+   --no-onnx leaves the row out). Speed: one process per model runs the paths' calls interleaved (1, 2, 3, 4, 1,
+   2, ...), so that other jobs on a shared machine slow them alike: images/s = median of --runs calls per path after a
    warm-up, and the process CPU seconds per image (all threads; steadier than wall time under load). Peak memory:
    a fresh process per row, the growth of its max RSS over a warm-up and one call beyond what it held once the
    model was built (and prepared: the fast row also holds the plain model it was prepared from, so that the
@@ -23,10 +25,12 @@ Two tables, and a third on request:
    its logits lie far below 0, so it says little).
 
     .venv/bin/python bench/inference.py [--models hrt_base hrt_small] [--size 512] [--threads 2] [--runs 5] [--flips]
+                                        [--no-onnx]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -52,6 +56,7 @@ import models.hrformer as hrformer  # noqa: E402
 from models.inference import prepare_for_inference  # noqa: E402
 
 PATHS = ("plain, explicit attention", "plain", "fast")
+ONNX_PATH = "onnxruntime"
 HRT_BASE_HEADS = (2, 4, 8, 16)
 HEAD_DIM = 39  # HRT-B: widths 78·2^i over heads 2·2^i
 
@@ -157,10 +162,33 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _runner(model: torch.nn.Module, path: str):
-    """images → logits by one of PATHS; the fast path is prepared from `model` (which stays alive)."""
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def _paths(onnx: bool) -> tuple[str, ...]:
+    return PATHS + (ONNX_PATH,) if onnx else PATHS
+
+
+def export_onnx_file(backbone: str, out_file: str) -> str:
+    """The rule-filled model exported to ONNX, once per model by the parent process: the rows' processes only load
+    it, so that their times and peaks are ONNX Runtime's, not the exporter's."""
+    from models.export import onnx_model_bytes
+
+    metadata = {"backbone": backbone, "head": "catnet", "input_size": "512", "source": "bench: the fill rule"}
+    Path(out_file).write_bytes(onnx_model_bytes(rule_filled_model(backbone), metadata))
+    return out_file
+
+
+def _runner(model: torch.nn.Module, path: str, onnx_file: str | None = None):
+    """images → logits by one of PATHS or ONNX_PATH; the fast path is prepared from `model` (which stays alive); the
+    ONNX path runs `onnx_file` (the same weights, export_onnx_file) in ONNX Runtime with torch's thread count."""
     if path == "fast":
         return prepare_for_inference(model)
+    if path == ONNX_PATH:
+        from models.onnx_backend import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(onnx_file, threads=torch.get_num_threads())
 
     def run(images):
         if path == "plain, explicit attention":
@@ -179,14 +207,15 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure_times(backbone: str, size: int, batch: int, runs: int, out_file: str) -> dict:
+def measure_times(backbone: str, size: int, batch: int, runs: int, out_file: str, paths: tuple[str, ...],
+                  onnx_file: str | None = None) -> dict:
     """Every path of one model in this process, calls interleaved (path 1, 2, 3, 1, 2, 3, ...) so that other jobs on
     the machine slow them alike; medians of wall and CPU seconds. The logits go to out_file for the comparison."""
     model = rule_filled_model(backbone)
-    runners = {path: _runner(model, path) for path in PATHS}
+    runners = {path: _runner(model, path, onnx_file) for path in paths}
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     logits = {path: run(images).float().contiguous() for path, run in runners.items()}  # warm-up
-    wall, cpu = {path: [] for path in PATHS}, {path: [] for path in PATHS}
+    wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for _ in range(runs):
         for path, run in runners.items():
             start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -195,13 +224,13 @@ def measure_times(backbone: str, size: int, batch: int, runs: int, out_file: str
             cpu[path].append(_cpu_seconds() - cpu_start)
     torch.save(logits, out_file)
     return {path: {"images_per_s": batch / statistics.median(wall[path]),
-                   "cpu_s_per_image": statistics.median(cpu[path]) / batch} for path in PATHS}
+                   "cpu_s_per_image": statistics.median(cpu[path]) / batch} for path in paths}
 
 
-def measure_peak(backbone: str, path: str, size: int, batch: int) -> dict:
+def measure_peak(backbone: str, path: str, size: int, batch: int, onnx_file: str | None = None) -> dict:
     """Peak memory of one path, in this fresh process: growth of the max RSS over a warm-up and one call."""
     model = rule_filled_model(backbone)
-    run = _runner(model, path)
+    run = _runner(model, path, onnx_file)
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     baseline = _max_rss_mb()
     run(images)
@@ -209,9 +238,10 @@ def measure_peak(backbone: str, path: str, size: int, batch: int) -> dict:
     return {"peak_mb": _max_rss_mb() - baseline}
 
 
-def _subprocess(args, *mode: str) -> dict:
+def _subprocess(args, *mode: str, onnx_file: str | None = None) -> dict:
     command = [sys.executable, __file__, *mode, "--size", str(args.size), "--batch", str(args.batch),
-               "--runs", str(args.runs), "--threads", str(args.threads)]
+               "--runs", str(args.runs), "--threads", str(args.threads),
+               *(["--onnx-file", onnx_file] if onnx_file else ["--no-onnx"])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(mode)} failed:\n{done.stderr[-3000:]}")
@@ -228,11 +258,12 @@ def inference_table(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for backbone in args.models:
             out_file = os.path.join(folder, f"{backbone}.pt")
-            times = _subprocess(args, "--times", backbone, out_file)
+            onnx_file = export_onnx_file(backbone, os.path.join(folder, f"{backbone}.onnx")) if args.onnx else None
+            times = _subprocess(args, "--times", backbone, out_file, onnx_file=onnx_file)
             logits = torch.load(out_file, weights_only=True)
             reference, base_speed = logits[PATHS[0]], times[PATHS[0]]["images_per_s"]
-            for path in PATHS:
-                peak = _subprocess(args, "--peak", backbone, path)["peak_mb"]
+            for path in _paths(args.onnx):
+                peak = _subprocess(args, "--peak", backbone, path, onnx_file=onnx_file)["peak_mb"]
                 row = times[path]
                 prob_diff = (torch.sigmoid(logits[path]) - torch.sigmoid(reference)).abs().max().item()
                 logit_diff = (logits[path] - reference).abs().max().item()
@@ -294,16 +325,24 @@ def main() -> None:
     parser.add_argument("--flips-images", type=int, default=1000, help="at most this many images for --flips")
     parser.add_argument("--flips-images-base", type=int, default=12,
                         help="at most this many images for --flips with HRT-B (the costly one)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="leave out the ONNX Runtime row (left out anyway when onnx/onnxruntime are missing)")
+    parser.add_argument("--onnx-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--times", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--peak", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.onnx and not onnx_available():
+        args.onnx = False
+        if not (args.times or args.peak):
+            print("onnx/onnxruntime are not installed (pip install -r requirements.txt): no ONNX Runtime row")
     if args.times:
         backbone, out_file = args.times
-        print(json.dumps(measure_times(backbone, args.size, args.batch, args.runs, out_file)))
+        print(json.dumps(measure_times(backbone, args.size, args.batch, args.runs, out_file, _paths(args.onnx),
+                                       args.onnx_file)))
         return
     if args.peak:
-        print(json.dumps(measure_peak(*args.peak, args.size, args.batch)))
+        print(json.dumps(measure_peak(*args.peak, args.size, args.batch, args.onnx_file)))
         return
     print(f"machine: {machine_name()} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}")

@@ -6,10 +6,19 @@ every failure is a ``CheckpointError`` naming the file. Our checkpoints are plai
 (state_dict), ``config`` (the resolved YAML, which carries its own ``VERSION``), ``step``, ``best_score`` and, in
 training checkpoints, what a resume needs: ``optimizer``, ``scheduler``, ``scaler``, ``sampler``, ``rng``,
 ``skipped_nonfinite``, ``skipped_samples``.
+
+A ``.safetensors`` release (``models.export.export_safetensors``; any file whose header is a safetensors header)
+holds the state_dict's tensors only, with string metadata: ``format`` (``SAFETENSORS_FORMAT``), ``format_version``,
+``backbone``, ``head``, ``stage``, ``input_size``, ``source_format``, and for our models ``config`` (the YAML). It
+is read into the layout above (ours) or as a bare state_dict (official weights, or a safetensors file of plain
+tensors written elsewhere), so everything that loads a ``.pth`` loads it. Nothing is unpickled: safetensors stores
+raw tensor bytes behind a JSON header.
 """
 from __future__ import annotations
 
+import json
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +29,20 @@ from utils.files import atomic_output, not_a_regular_file
 from .errors import CheckpointError
 from .registry import verify_weights
 
-__all__ = ["FORMAT_VERSION", "OUR_FORMAT", "RELEASE_KEYS", "CheckpointError", "export_weights", "read_checkpoint",
-           "read_training_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "OUR_FORMAT", "RELEASE_KEYS", "SAFETENSORS_FORMAT", "SAFETENSORS_VERSION",
+           "CheckpointError", "export_weights", "is_safetensors", "read_checkpoint", "read_training_checkpoint",
+           "safetensors_metadata", "save_checkpoint"]
 
 OUR_FORMAT = "mpc-reimpl"  # value of the "format" key in checkpoints written by this project
 # Layout of our checkpoint dict. 1: the files written before the key existed (read as 1); 2: adds "version" and
 # "skipped_samples". Bump it when a key changes meaning, and teach read_training_checkpoint the older layouts.
 FORMAT_VERSION = 2
 RELEASE_KEYS = ("format", "version", "stage", "model", "config", "step", "best_score")
+SAFETENSORS_FORMAT = "mpc-reimpl-safetensors"  # value of the "format" metadata of our .safetensors releases
+# Layout of that metadata. 1: format, format_version, stage, backbone, head, input_size, source_format, [config].
+SAFETENSORS_VERSION = 1
+SAFETENSORS_SUFFIX = ".safetensors"
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 def _weights_only_reason(error: Exception) -> str:
@@ -47,8 +62,14 @@ def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> object:
     problem = not_a_regular_file(path)
     if problem is not None:
         raise CheckpointError(f"{path}: {'file not found' if problem == 'no such file' else problem}")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX model, not PyTorch weights; run it with ONNX Runtime "
+                              "(stage2/infer.py --backend onnxruntime, models.onnx_backend.load_onnx_model)")
     verify_weights(path)
-    contents = _load(path, map_location, mmap)
+    if is_safetensors(path):
+        contents = _load_safetensors(path, map_location)
+    else:
+        contents = _load(path, map_location, mmap)
     _refuse_nonfinite(contents, path)
     return contents
 
@@ -112,6 +133,97 @@ def _load(path: Path, map_location, mmap: bool) -> object:
         ) from error
 
 
+
+
+def is_safetensors(path) -> bool:
+    """Whether a file is (or claims by its name to be) a safetensors file: the ``.safetensors`` extension, or the
+    format's header (an 8-byte little-endian length, then a JSON object of that length that fits in the file)
+    under any name. A zip (``torch.save``) or pickle file never passes the header test: its first 8 bytes read as a
+    length far beyond the file."""
+    path = Path(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return True
+    try:
+        with path.open("rb") as stream:
+            start = stream.read(9)
+    except OSError:
+        return False
+    if len(start) < 9:
+        return False
+    (length,) = struct.unpack("<Q", start[:8])
+    return start[8:9] == b"{" and length <= min(path.stat().st_size - 8, _SAFETENSORS_MAX_HEADER)
+
+
+def safetensors_metadata(path) -> dict[str, str] | None:
+    """The string metadata of a safetensors file (``{}`` when it has none); None for any other file."""
+    path = Path(path)
+    if not is_safetensors(path):
+        return None
+    return _safetensors_header(path).get("__metadata__") or {}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked the way the format defines it; a ``CheckpointError`` naming
+    the file otherwise (a truncated download, another format under the name, a damaged header)."""
+    try:
+        with path.open("rb") as stream:
+            start = stream.read(8)
+            if len(start) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file: {len(start)} bytes, shorter than the "
+                                      "8-byte header length (an empty or truncated file)")
+            (length,) = struct.unpack("<Q", start)
+            size = path.stat().st_size
+            if length > min(size - 8, _SAFETENSORS_MAX_HEADER):
+                raise CheckpointError(f"{path}: not a safetensors file, or truncated: its header claims {length:,} "
+                                      f"bytes and the file holds {size:,}")
+            text = stream.read(length)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from error
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file, or corrupt: its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file: its header is a {type(header).__name__}")
+    return header
+
+
+def _load_safetensors(path: Path, map_location) -> object:
+    """A safetensors file as read_checkpoint's callers expect it: our checkpoint layout when its metadata carries our
+    config, a bare state_dict otherwise (exported official weights, whose backbone ``safetensors_metadata`` gives, or
+    plain tensors written elsewhere)."""
+    from safetensors import SafetensorError, safe_open
+
+    metadata = _safetensors_header(path).get("__metadata__") or {}
+    ours = metadata.get("format") == SAFETENSORS_FORMAT
+    if ours:
+        _check_safetensors_version(path, metadata)
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as stream:
+            state = {name: stream.get_tensor(name) for name in stream.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated or corrupt: "
+                              f"{_first_sentence(error)}") from error
+    if not (ours and metadata.get("config")):  # official weights (their backbone is in the metadata) or foreign
+        return state
+    try:
+        stage = int(metadata.get("stage", 2))
+    except ValueError:
+        raise CheckpointError(f"{path}: its metadata names no readable stage ({metadata.get('stage')!r})") from None
+    return {"format": OUR_FORMAT, "version": FORMAT_VERSION, "stage": stage, "model": state,
+            "config": metadata["config"]}
+
+
+def _check_safetensors_version(path: Path, metadata: dict) -> None:
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(f"{path}: its metadata names no readable format_version "
+                              f"({metadata.get('format_version')!r})") from None
+    if version > SAFETENSORS_VERSION:
+        raise CheckpointError(f"{path}: written by a newer version of this project (safetensors release format "
+                              f"{version}, this code reads up to {SAFETENSORS_VERSION})")
 
 
 def _first_sentence(error: Exception, limit: int = 200) -> str:

@@ -6,7 +6,6 @@ official MPC / HRFormer names (``conv1``, ``layer1``, ``transition1``, ``stage2.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from .backbones import register_backbone
 from .layers import Projection
 
-__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "DropPath", "build_hrformer"]
+__all__ = ["HRFormerConfig", "StageConfig", "HRFORMER_CONFIGS", "HRFormer", "DropPath", "build_hrformer",
+           "centre_padding"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,17 @@ class WindowAttention(nn.Module):
         return bias.reshape(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
 
+def centre_padding(size, window: int):
+    """(before, after) padding of a side to the next multiple of the window, centred (the smaller half before).
+
+    Integer arithmetic only: ``(-size) % window`` is ``ceil(size / window) * window - size`` for positive sizes, and
+    it stays a traced operation when ``size`` is a traced or symbolic size (ONNX export with dynamic height and
+    width), where ``math.ceil`` would freeze the size it was traced at."""
+    total = (-size) % window
+    before = total // 2
+    return before, total - before
+
+
 class PaddedWindowAttention(nn.Module):
     """Window attention over a whole (B, H, W, C) map: centre-pad to a multiple of the window, attend, crop.
 
@@ -155,11 +166,10 @@ class PaddedWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         w = self.window_size
-        pad_h = math.ceil(height / w) * w - height
-        pad_w = math.ceil(width / w) * w - width
-        top, left = pad_h // 2, pad_w // 2
-        x = F.pad(x, (0, 0, left, pad_w - left, top, pad_h - top))
-        rows, cols = (height + pad_h) // w, (width + pad_w) // w
+        top, bottom = centre_padding(height, w)
+        left, right = centre_padding(width, w)
+        x = F.pad(x, (0, 0, left, right, top, bottom))
+        rows, cols = (height + top + bottom) // w, (width + left + right) // w
         windows = x.reshape(batch, rows, w, cols, w, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, dim)
         out = self.attn(windows)
         out = out.reshape(batch, rows, cols, w, w, dim).permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * w, cols * w, dim)

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hrformer import Bottleneck, HRFormer, MlpDWBN, TransformerBlock
+from .hrformer import Bottleneck, HRFormer, MlpDWBN, TransformerBlock, centre_padding
 from .layers import Projection
 
 __all__ = ["FastTransformerBlock", "InferenceModel", "fold_batchnorm", "fold_batchnorms", "prepare_for_inference"]
@@ -99,12 +99,6 @@ def fold_batchnorms(model: nn.Module) -> int:
     return len(pairs)
 
 
-def _centre_padding(size: int, window: int) -> tuple[int, int]:
-    """(before, after) padding of a side to a multiple of the window, centred as PaddedWindowAttention pads."""
-    total = math.ceil(size / window) * window - size
-    return total // 2, total - total // 2
-
-
 class FastTransformerBlock(nn.Module):
     """Inference form of a ``TransformerBlock`` whose FFN BatchNorms are already folded (``fold_batchnorms``).
 
@@ -145,8 +139,8 @@ class FastTransformerBlock(nn.Module):
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, dim = x.shape
         w = self.window_size
-        top, bottom = _centre_padding(height, w)
-        left, right = _centre_padding(width, w)
+        top, bottom = centre_padding(height, w)
+        left, right = centre_padding(width, w)
         padded = F.pad(x, (0, 0, left, right, top, bottom))  # zeros that take part as keys, as in the plain block
         rows, cols = padded.shape[1] // w, padded.shape[2] // w
         windows = padded.reshape(batch, rows, w, cols, w, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, dim)

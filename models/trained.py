@@ -9,7 +9,7 @@ import torch
 from utils.config import config_from_text
 
 from .build import build_stage2_model
-from .checkpoint import OUR_FORMAT, CheckpointError, read_checkpoint
+from .checkpoint import OUR_FORMAT, CheckpointError, read_checkpoint, safetensors_metadata
 from .heads import HEADS
 from .loading import load_checkpoint
 
@@ -74,7 +74,9 @@ def load_trained_model(path: str, backbone: str | None = None, head: str | None 
     """Build the stage-2 model that `path` holds and load it (every tensor required).
 
     Our checkpoints carry their config, which names the backbone and head; an official bare state_dict takes
-    `backbone` (default hrt_base) and its head is recognised from its layer widths (CATNet or CASIAv2 release).
+    `backbone` (default: the one a ``.safetensors`` release names in its metadata, else hrt_base) and its head is
+    recognised from its layer widths (CATNet or CASIAv2 release). A ``.safetensors`` release loads like the file it
+    was exported from.
     A `backbone`/`head` that contradicts our checkpoint's config is an error.
     """
     path = str(path)
@@ -97,7 +99,11 @@ def load_trained_model(path: str, backbone: str | None = None, head: str | None 
         detected = head_from_state_dict(contents, path)
         if head is not None and head != detected:
             raise CheckpointError(f"{path}: --head {head} asked for, but the file's head is {detected}")
-        head, backbone = detected, backbone or "hrt_base"
+        stored = (safetensors_metadata(path) or {}).get("backbone")  # an exported release names its backbone
+        if backbone is not None and stored is not None and backbone != stored:
+            raise CheckpointError(f"{path}: --backbone {backbone} contradicts the file's metadata (backbone "
+                                  f"{stored}); leave --backbone out")
+        head, backbone = detected, backbone or stored or "hrt_base"
         notes.append(f"head {head} recognised from the file's layer widths")
     model = build_stage2_model(backbone, head=head)
     try:

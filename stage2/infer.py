@@ -31,6 +31,7 @@ from tqdm import tqdm
 from datasets.dataset import CatchReadErrors, ForgeryDataset, is_read_error
 from datasets.io import IMAGE_EXTENSIONS, ImageReadError, not_a_regular_file
 from models import load_trained_model
+from models.onnx_backend import load_onnx_model
 from utils.entry import run_script
 from utils.evaluation.loop import (UniqueNames, add_resolution_arguments, escape_text, single_item, tiling_from,
                                    write_csv)
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default=None, help="official weights only (default hrt_base)")
     parser.add_argument("--head", default=None, choices=("catnet", "casiav2"),
                         help="official weights only; default: recognised from the file's layer widths")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="onnxruntime: --weights is an .onnx file written by stage2/export.py, run by ONNX Runtime "
+                             "on the CPU")
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--input-size", type=int, default=None,
                         help="squash-resize size (default: the size our checkpoint was trained at; 512, the "
@@ -165,9 +169,12 @@ def main(argv=None) -> dict:
     skipped = [n for n in names if n not in {name for _, name in todo}]
 
     device = resolve_device(args.device)
-    trained = load_trained_model(args.weights, args.backbone, args.head, device)
+    if args.backend == "onnxruntime":
+        trained = load_onnx_model(args.weights, args.backbone, args.head)
+    else:
+        trained = load_trained_model(args.weights, args.backbone, args.head, device)
     args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size),  # a copy
-                                 "tiling": tiling_from(args)})
+                                 "tiling": tiling_from(args), "fast": args.fast and args.backend == "pytorch"})
     out.mkdir(parents=True, exist_ok=True)
     scores, failures, stopped = {}, [], False
     if todo:

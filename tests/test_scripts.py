@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["stage1/train.py", "stage2/train.py", "stage2/test.py", "stage2/infer.py", "generate_flist.py"]
+SCRIPTS = ["stage1/train.py", "stage2/train.py", "stage2/test.py", "stage2/infer.py", "stage2/export.py",
+           "generate_flist.py"]
 
 
 @pytest.fixture(scope="module")
