@@ -46,7 +46,8 @@ MUTANTS_DIR := .mutmut
 MUTANTS_JOBS ?= 1
 # The fast tests that cover each module. test_metrics' scikit-learn sweep (~7 s) is left out: it would run for
 # almost every mutant, and its checks are repeated on small hand-made maps by the faster tests.
-MUTANT_TESTS_losses := tests/test_losses.py tests/test_head_losses.py tests/test_losses_edges.py
+MUTANT_TESTS_losses := tests/test_losses.py tests/test_head_losses.py tests/test_losses_edges.py \
+	tests/test_losses_backward.py
 MUTANT_TESTS_utils/evaluation/metrics.py := tests/test_metrics.py tests/test_metrics_edges.py \
 	--deselect tests/test_metrics.py::test_every_variant_and_dataset_scores_against_sklearn
 MUTANT_TESTS_datasets/io.py := tests/test_io_edges.py tests/test_boundaries.py tests/test_hostile_input.py \
