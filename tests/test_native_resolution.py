@@ -260,3 +260,22 @@ def test_memory_stays_bounded_on_a_12000_by_9000_image():
     # rows: ceil((9024 − 1024) / 896) + 1 = 10 origins; columns: ceil((12000 − 1024) / 896) + 1 = 14
     assert tiled["largest"] == [1, 3, 1024, 1024] and tiled["calls"] == 10 * 14
     assert tiled["growth_mb"] < 1200 < 3 * 9024 * 12000 * 4 / 2**20
+
+
+def test_test_script_fast_path_scores_what_the_plain_path_scores(weights, photos, tmp_path):
+    """test.py --fast: the prepared model's maps equal the plain eval forward's up to float rounding (the tiny
+    model's logits are scaled up, hence 5e-5), and settings.yaml says which path scored."""
+    weights_path, _ = weights
+    folder, rows = photos
+    probs = {}
+    for label, flags in (("plain", []), ("fast", ["--fast"])):
+        out = tmp_path / label
+        test_script.main(["--weights", str(weights_path), "--flist", str(folder / "photos_3.npy"), "--out", str(out),
+                          "--device", "cpu", "--num-workers", "0", "--no-progress", "--save-prob", "--input-size",
+                          "64", *flags])
+        assert f"fast_path: {'true' if flags else 'false'}" in (out / "settings.yaml").read_text()
+        probs[label] = {Path(p).stem: np.load(out / "photos_3" / "prob" / f"{Path(p).stem}.npy") for p, _ in rows}
+    for name, plain in probs["plain"].items():
+        np.testing.assert_allclose(probs["fast"][name], plain, atol=5e-5)
+    # another computation did run: somewhere its rounding differs
+    assert any(not np.array_equal(probs["fast"][name], plain) for name, plain in probs["plain"].items())
