@@ -50,7 +50,7 @@ def main():
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch "
           f"{torch.__version__}, {args.threads} threads; weights {args.weights} ({trained.backbone}, input {size}²); "
           f"tile {tiling.tile}, overlap {tiling.overlap}")
-    header = ["list", "images", "pixels", "sides of 0.5 differ", "mean |Δ prob|", "F1 protocol", "F1 native",
+    header = ["list", "images", "pixels", "sides of 0.5 differ", "mean abs Δ prob", "F1 protocol", "F1 native",
               "s/image protocol", "s/image native"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
