@@ -42,10 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 import models.hrformer as hrformer  # noqa: E402
 from models.inference import prepare_for_inference  # noqa: E402
+from tests.official_fill import fill_value  # noqa: E402
 
 PATHS = ("plain, explicit attention", "plain", "fast")
 ONNX_PATH = "onnxruntime"
@@ -72,25 +71,11 @@ def machine_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def fill_rule(name: str, shape: tuple) -> torch.Tensor:
-    """The fixtures README's deterministic fill rule, keyed by the state_dict name."""
-    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
-    if name.endswith("running_var"):
-        value = 0.5 + rng.random(shape)
-    elif name.endswith("running_mean"):
-        value = 0.1 * rng.standard_normal(shape)
-    elif len(shape) >= 2:
-        value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-    elif name.endswith("weight"):
-        value = 1 + 0.1 * rng.standard_normal(shape)
-    else:
-        value = 0.1 * rng.standard_normal(shape)
-    return torch.from_numpy(np.asarray(value, dtype=np.float32))
-
-
 def rule_filled_model(backbone: str) -> torch.nn.Module:
     model = models.build_stage2_model(backbone, "catnet")
-    weights = {name: fill_rule(name, tuple(t.shape)) for name, t in model.state_dict().items() if t.is_floating_point()}
+    # The fixtures README's deterministic fill rule, keyed by the state_dict name (the tests' own copy of it).
+    weights = {name: torch.from_numpy(fill_value(name, tuple(t.shape)))
+               for name, t in model.state_dict().items() if t.is_floating_point()}
     model.load_state_dict(weights, strict=False)
     return model.eval()
 
