@@ -50,7 +50,8 @@ from models.registry import load_registry
 from utils.errors import UserError
 from utils.evaluation.loop import RESOLUTIONS, add_resolution_arguments, tiling_from
 from utils.evaluation.metrics import PixelMetrics, binary_f1, official_iou
-from utils.evaluation.prediction import ProbabilityMap, Tiling, predict_map, probability_predictor, write_probability
+from utils.evaluation.prediction import (ProbabilityMap, Tiling, dataset_input_size, predict_map, probability_predictor,
+                                         write_probability)
 from utils.evaluation.visualize import heatmap_overlay
 from utils.files import write_png
 from utils.runtime import resolve_device
@@ -172,7 +173,7 @@ def analyse(trained, predict, image_path: str, device: torch.device, settings: S
     (`predict`: `ModelCache.predictor`) at the image's original size. `distortion` (a datasets.perturb callable) is
     applied to the image first, as in the robustness tests; its map is at the size of the image before the
     distortion (the ground truth's), except at native resolution, where it is at the distorted image's size."""
-    input_size = None if settings.tiling is not None else trained.input_size()
+    input_size = dataset_input_size(trained.input_size(), settings.tiling)
     dataset = ForgeryDataset([(str(image_path), "")], mode="test", input_size=input_size, keep_original=True,
                              perturb=distortion)
     item = dataset[0]

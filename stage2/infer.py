@@ -35,7 +35,8 @@ from models.onnx_backend import load_onnx_model
 from utils.entry import run_script
 from utils.evaluation.loop import (UniqueNames, add_resolution_arguments, escape_text, single_item, tiling_from,
                                    write_csv)
-from utils.evaluation.prediction import predict_map, probability_predictor, write_mask, write_probability
+from utils.evaluation.prediction import (dataset_input_size, predict_map, probability_predictor, write_mask,
+                                         write_probability)
 from utils.evaluation.visualize import heatmap_overlay
 from utils.files import write_png
 from utils.interrupt import Interrupted, stop_requests
@@ -178,8 +179,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scores, failures, stopped = {}, [], False
     if todo:
-        size = None if args.tiling is not None else args.input_size
-        dataset = ImagesToLocalise([p for p, _ in todo], [n for _, n in todo], size)
+        dataset = ImagesToLocalise([p for p, _ in todo], [n for _, n in todo],
+                                   dataset_input_size(args.input_size, args.tiling))
         with stop_requests() as stop:
             scores, failures, stopped = localise(trained.model, dataset, out, device, args, stop)
 

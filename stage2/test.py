@@ -41,7 +41,7 @@ from models.registry import sha256_of
 from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_resolution_arguments,
                                    environment, evaluate, json_safe, tiling_from, write_csv)
 from utils.evaluation.metrics import DATASET_METRICS
-from utils.evaluation.prediction import probability_predictor, write_mask, write_probability
+from utils.evaluation.prediction import dataset_input_size, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import plot_robustness
 from utils.files import atomic_write_text
 from utils.interrupt import Interrupted, stop_requests
@@ -235,8 +235,8 @@ def plot_rows(robustness_rows: list[dict]) -> list[dict]:
 
 def test_dataset(rows, args, perturb=None) -> ForgeryDataset:
     """The list's images as the model sees them: squash-resized to --input-size, or at their own size (native)."""
-    size = None if args.tiling is not None else args.input_size
-    return ForgeryDataset(rows, mode="test", input_size=size, perturb=perturb)
+    return ForgeryDataset(rows, mode="test", input_size=dataset_input_size(args.input_size, args.tiling),
+                          perturb=perturb)
 
 
 def constant_predictor(value: float):

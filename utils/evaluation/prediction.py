@@ -100,6 +100,12 @@ class Tiling:
         return sorted({min(i * step, length - self.tile) for i in range(count)})
 
 
+def dataset_input_size(input_size: int, tiling: Tiling | None) -> int | None:
+    """The `input_size` a test-mode `ForgeryDataset` takes for this prediction: the squash-resize size, or None (the
+    image at its own size) when predicting at native resolution with `tiling`."""
+    return None if tiling is not None else input_size
+
+
 def _seam_ramp(length: int, ramp: int, rising: bool, falling: bool) -> torch.Tensor:
     """Blending weights along one side of a tile's map: linear from ~0 to 1 over `ramp` cells at a side that
     overlaps a neighbour, 1 at a side on the image's border."""
