@@ -30,7 +30,7 @@ from .errors import CheckpointError
 from .registry import verify_weights
 
 __all__ = ["FORMAT_VERSION", "OUR_FORMAT", "RELEASE_KEYS", "SAFETENSORS_FORMAT", "SAFETENSORS_VERSION",
-           "CheckpointError", "export_weights", "is_safetensors", "read_checkpoint", "read_training_checkpoint",
+           "CheckpointError", "check_weights_file", "export_weights", "is_safetensors", "read_checkpoint", "read_training_checkpoint",
            "safetensors_metadata", "save_checkpoint"]
 
 OUR_FORMAT = "mpc-reimpl"  # value of the "format" key in checkpoints written by this project
@@ -59,19 +59,25 @@ def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> object:
     format cannot be mapped and is then read normally). A floating-point tensor holding NaN or infinity refuses the
     file. Every failure is a ``CheckpointError`` naming the file (and the tensor)."""
     path = Path(path)
-    problem = not_a_regular_file(path)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {'file not found' if problem == 'no such file' else problem}")
-    if path.suffix.lower() == ".onnx":
+    if path.suffix.lower() == ".onnx" and not_a_regular_file(path) is None:
         raise CheckpointError(f"{path}: an ONNX model, not PyTorch weights; run it with ONNX Runtime "
                               "(stage2/infer.py --backend onnxruntime, models.onnx_backend.load_onnx_model)")
-    verify_weights(path)
+    check_weights_file(path)
     if is_safetensors(path):
         contents = _load_safetensors(path, map_location)
     else:
         contents = _load(path, map_location, mmap)
     _refuse_nonfinite(contents, path)
     return contents
+
+
+def check_weights_file(path) -> None:
+    """What every weights reader checks before opening a file: that it is a regular file, and that a released file
+    matches its registry entry (size and SHA-256). A ``CheckpointError`` naming the file otherwise."""
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {'file not found' if problem == 'no such file' else problem}")
+    verify_weights(path)
 
 
 def _floating_tensors(value, name: str = ""):

@@ -16,10 +16,9 @@ import torch
 
 from utils.config import config_from_text
 from utils.errors import UserError
-from utils.files import not_a_regular_file
 
+from .checkpoint import check_weights_file
 from .errors import CheckpointError
-from .registry import verify_weights
 from .trained import TrainedModel
 
 __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "METADATA_PREFIX", "OnnxInputError", "OnnxRuntimeModel",
@@ -118,10 +117,7 @@ def load_onnx_model(path, backbone: str | None = None, head: str | None = None,
     file; an unreadable, truncated or foreign file is a ``CheckpointError`` naming it, and so is a `backbone` or
     `head` other than the one the file was exported with."""
     path = Path(path)
-    problem = not_a_regular_file(path)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {'file not found' if problem == 'no such file' else problem}")
-    verify_weights(path)
+    check_weights_file(path)
     model = OnnxRuntimeModel(path, threads)
     for what, asked, found in (("backbone", backbone, model.backbone), ("head", head, model.head)):
         if asked is not None and asked != found:
