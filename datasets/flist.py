@@ -69,7 +69,7 @@ def read_flist(path) -> np.ndarray:
         raise FileListError(f"file list '{path}': {problem}")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return read_json_flist(path)
+        return _read_json_flist(path)
     if suffix != ".npy":
         raise FileListError(f"file list '{path}': not a .npy or .json file (file lists are NumPy .npy arrays of shape "
                             f"(N, 2), or JSON arrays of [image, mask] pairs)")
@@ -108,8 +108,9 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_json_flist(path) -> np.ndarray:
-    """An IMDLBenCo JSON list (`[[image, mask or "Negative"], ...]`) as the (N, 2) array `read_flist` returns.
+def _read_json_flist(path: Path) -> np.ndarray:
+    """An IMDLBenCo JSON list (`[[image, mask or "Negative"], ...]`) as the (N, 2) array `read_flist` returns
+    (`read_flist` has checked that `path` is a regular file).
 
     Paths are kept as written (IMDLBenCo opens them as given, relative paths from the current directory, as our
     `.npy` lists are). `"Negative"` (and '') mean authentic. Anything else is refused naming the file and the entry:
@@ -117,10 +118,6 @@ def read_json_flist(path) -> np.ndarray:
     array, an entry that is not a pair of strings, an empty image path, IMDLBenCo's other JSON files (the
     `test_dataset.json` object of dataset paths, a BalancedDataset list of [dataset class, path]).
     """
-    path = Path(path)
-    problem = not_a_regular_file(path)
-    if problem is not None:
-        raise FileListError(f"file list '{path}': {problem}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
