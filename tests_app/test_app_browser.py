@@ -157,6 +157,21 @@ def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+def shown_pixels(url: str) -> np.ndarray:
+    """The pixels of a picture the page shows. The page may switch to a new picture's URL a moment before the server
+    has the whole file to serve (seen once in CI: bytes that were not yet an image), so the file is fetched again
+    until it decodes, for at most WAIT_S; its pixels are then compared exactly by the caller."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        data = fetch(url)
+        try:
+            return pixels(data)
+        except Image.UnidentifiedImageError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def grey(picture: np.ndarray) -> np.ndarray:
     return picture if picture.ndim == 2 else picture[:, :, 0]
 
@@ -212,10 +227,10 @@ def test_heatmap_mask_score_and_downloads_equal_infers_then_the_threshold_moves_
     open_page(browser, server[0])
     upload(browser, "upload", spliced[0])
 
-    shown_heat = pixels(fetch(image_url(browser, "heatmap")))
+    shown_heat = shown_pixels(image_url(browser, "heatmap"))
     np.testing.assert_array_equal(shown_heat[:, :, :3], heat_ref)
     mask_src = image_url(browser, "mask")
-    np.testing.assert_array_equal(grey(pixels(fetch(mask_src))) > 127, mask_ref)
+    np.testing.assert_array_equal(grey(shown_pixels(mask_src)) > 127, mask_ref)
     assert f"{score_ref:.4f}" in wait_for_text(browser, "score", "Image-level score")
 
     np.testing.assert_array_equal(pixels(download(browser, "download_heatmap", "splice_heatmap.png")), heat_ref)
@@ -227,14 +242,14 @@ def test_heatmap_mask_score_and_downloads_equal_infers_then_the_threshold_moves_
     for threshold in (0.3, 0.72):
         set_number(browser, "threshold", threshold)
         mask_src = image_url(browser, "mask", other_than=mask_src)
-        shown = grey(pixels(fetch(mask_src))) > 127
+        shown = grey(shown_pixels(mask_src)) > 127
         expected, undecided = threshold_reference(prob_ref, threshold)
         assert undecided.sum() < 5 and np.array_equal(shown[~undecided], expected[~undecided])
         assert shown.sum() != mask_ref.sum()  # the mask moved: the map has pixels between the thresholds
         downloaded = grey(pixels(download(browser, "download_mask", "splice_mask.png"))) > 127
         np.testing.assert_array_equal(downloaded, shown)
     set_number(browser, "threshold", 0.5)
-    np.testing.assert_array_equal(grey(pixels(fetch(image_url(browser, "mask", other_than=mask_src)))) > 127,
+    np.testing.assert_array_equal(grey(shown_pixels(image_url(browser, "mask", other_than=mask_src))) > 127,
                                   mask_ref)
 
 
@@ -262,8 +277,8 @@ def test_ground_truth_scores_and_what_if(server, browser, spliced, reference, tm
     heat_jpeg, mask_jpeg, _, score_jpeg = infer(by_hand, tmp_path / "infer_jpeg")
     set_number(browser, "level", 50)
     browser.find_element(By.ID, "apply").click()
-    np.testing.assert_array_equal(pixels(fetch(image_url(browser, "heatmap2")))[:, :, :3], heat_jpeg)
-    np.testing.assert_array_equal(grey(pixels(fetch(image_url(browser, "mask2")))) > 127, mask_jpeg)
+    np.testing.assert_array_equal(shown_pixels(image_url(browser, "heatmap2"))[:, :, :3], heat_jpeg)
+    np.testing.assert_array_equal(grey(shown_pixels(image_url(browser, "mask2"))) > 127, mask_jpeg)
     assert f"{score_jpeg:.4f}" in wait_for_text(browser, "score2", "after jpeg:50")
     f1_jpeg = f"{f1_score(gt.ravel(), mask_jpeg.ravel()):.4f}"
     wait_for_text(browser, "metrics2", f"protocol (0.5) {f1_jpeg}")
