@@ -148,6 +148,21 @@ def image_url(driver, elem_id: str, other_than: str | None = None) -> str:
         pytest.fail(f"no new picture in #{elem_id}; status: {text_of(driver, 'status')!r}")
 
 
+def settled_image_url(driver, elem_id: str, other_than: str, quiet_s: float = 2.0) -> str:
+    """The src of the picture in #elem_id once a new one is shown and no other follows for `quiet_s`. Typing a number
+    sends its characters one by one, and the page may answer an intermediate value ("0" on the way to "0.72") with
+    a picture of its own before the final one."""
+    src = image_url(driver, elem_id, other_than)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        latest = image_url(driver, elem_id)
+        if latest == src:
+            return src
+        src = latest
+    pytest.fail(f"the picture in #{elem_id} kept changing for {WAIT_S} s")
+
+
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.read()
@@ -241,7 +256,7 @@ def test_heatmap_mask_score_and_downloads_equal_infers_then_the_threshold_moves_
 
     for threshold in (0.3, 0.72):
         set_number(browser, "threshold", threshold)
-        mask_src = image_url(browser, "mask", other_than=mask_src)
+        mask_src = settled_image_url(browser, "mask", other_than=mask_src)
         shown = grey(shown_pixels(mask_src)) > 127
         expected, undecided = threshold_reference(prob_ref, threshold)
         assert undecided.sum() < 5 and np.array_equal(shown[~undecided], expected[~undecided])
@@ -249,7 +264,7 @@ def test_heatmap_mask_score_and_downloads_equal_infers_then_the_threshold_moves_
         downloaded = grey(pixels(download(browser, "download_mask", "splice_mask.png"))) > 127
         np.testing.assert_array_equal(downloaded, shown)
     set_number(browser, "threshold", 0.5)
-    np.testing.assert_array_equal(grey(shown_pixels(image_url(browser, "mask", other_than=mask_src))) > 127,
+    np.testing.assert_array_equal(grey(shown_pixels(settled_image_url(browser, "mask", other_than=mask_src))) > 127,
                                   mask_ref)
 
 
