@@ -1,6 +1,6 @@
 """Inference speed: the fast path (`models.inference.prepare_for_inference`) against the plain eval forward.
 
-Two tables, and a third on request:
+Two tables, and two more on request:
 
 1. **Window attention** on HRT-B's four branches at --size (windows of 7², head_dim 39): the explicit softmax
    against `scaled_dot_product_attention` with the relative position bias as the mask, forward without gradients
@@ -23,9 +23,13 @@ Two tables, and a third on request:
    output pixels fall on the other side of the 0.5 threshold in the fast path than in the plain path, with the
    demo weights (weights/mpc_demo_hrt_nano_stage2.pth) and with rule-filled HRT-B (--flips-images-base images;
    its logits lie far below 0, so it says little).
+4. `--roofline`: the floor under any float32 path on this machine: the model's work per image (GFLOP of its
+   convolutions and linear layers by torch's FlopCounterMode, of the window attention's two products, and the
+   elements that pass through GELU) at this machine's best float32 matrix-product rate (a 2048³ product) and its
+   in-place GELU rate, beside the plain and fast paths' times and half the plain path's (a 2× speed-up).
 
     .venv/bin/python bench/inference.py [--models hrt_base hrt_small] [--size 512] [--threads 2] [--runs 5] [--flips]
-                                        [--no-onnx]
+                                        [--roofline] [--no-onnx]
 """
 from __future__ import annotations
 
@@ -266,6 +270,68 @@ def inference_table(args) -> None:
                       f"{prob_diff:13.1e} {logit_diff:14.1e}", flush=True)
 
 
+# --- table 4: the floor under any float32 path on this machine ------------------------------------------------
+
+def _gemm_gflops(threads: int, runs: int) -> float:
+    """This machine's float32 matrix-product rate: median GFLOP/s of 2048³ products (MKL, --threads threads)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / _median_ms(lambda: a @ b, runs) * 1e-6
+
+
+def _gelu_gelements(runs: int) -> float:
+    """Exact (erf) GELU rate, giga-elements/s, in place on a 16 M-element tensor (the fast path's GELU)."""
+    x = torch.randn(2**24)
+    return 2**24 / _median_ms(lambda: torch.ops.aten.gelu_(x), runs) * 1e-6
+
+
+def model_work(backbone: str, size: int) -> dict:
+    """What one image at size² asks of any implementation: GFLOP of the convolutions and linear layers (torch's
+    FlopCounterMode on the plain eval forward), GFLOP of the window attention's two products per head (q·kᵀ and
+    a·v over the padded windows: 4 · padded tokens · window² · width), and the elements that pass through GELU
+    (three per FFN: hidden, hidden, width per token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = rule_filled_model(backbone)
+    blocks = [m for m in model.modules() if isinstance(m, hrformer.TransformerBlock)]
+    shapes = []
+    hooks = [block.register_forward_pre_hook(lambda m, inputs: shapes.append((m, inputs[0].shape)))
+             for block in blocks]
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.rand(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    attention, gelu = 0, 0
+    for block, (_, width, height, breadth) in shapes:
+        w = block.attn.window_size
+        padded = math.ceil(height / w) * w * math.ceil(breadth / w) * w
+        attention += 4 * padded * w * w * width
+        gelu += height * breadth * (2 * block.mlp.fc1.out_channels + width)
+    return {"gflop": counter.get_total_flops() / 1e9, "attention_gflop": attention / 1e9, "gelu_m": gelu / 1e6}
+
+
+def roofline_table(args) -> None:
+    """The least time any float32 path needs here: the model's products at the machine's best matrix-product rate,
+    plus its GELUs at the in-place GELU rate (layer norms, adds, copies and the softmax left out: a floor, not an
+    estimate), beside half the plain path's time (the 2× goal) and the paths' measured times."""
+    gemm, gelu_rate = _gemm_gflops(args.threads, args.runs), _gelu_gelements(args.runs)
+    print(f"\nfloor at {args.size}², batch 1, {args.threads} threads: matrix products at {gemm:.0f} GFLOP/s (median "
+          f"2048³ float32 product here), exact GELU at {gelu_rate:.2f} G elements/s (in place); paths: median of "
+          f"{args.runs} calls")
+    print(f"{'model':<10} {'conv+linear GFLOP':>17} {'attention GFLOP':>15} {'GELU M elements':>15} "
+          f"{'floor s':>8} {'plain s':>8} {'plain/2 s':>9} {'fast s':>7} {'floor vs plain':>14}")
+    for backbone in args.models:
+        work = model_work(backbone, args.size)
+        floor = (work["gflop"] + work["attention_gflop"]) / gemm + work["gelu_m"] / 1e3 / gelu_rate
+        model = rule_filled_model(backbone)
+        plain, fast = _runner(model, "plain"), _runner(model, "fast")
+        images = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+        plain_s, fast_s = (_median_ms(lambda run=run: run(images), args.runs) / 1e3 for run in (plain, fast))
+        print(f"{backbone:<10} {work['gflop']:17.1f} {work['attention_gflop']:15.1f} {work['gelu_m']:15.0f} "
+              f"{floor:8.2f} {plain_s:8.2f} {plain_s / 2:9.2f} {fast_s:7.2f} {plain_s / floor:13.2f}×",
+              flush=True)
+
+
 # --- table 3: threshold flips on real images ----------------------------------------------------------------------
 
 def shared_tampered_images() -> list[Path]:
@@ -319,6 +385,8 @@ def main() -> None:
     parser.add_argument("--flips-images", type=int, default=1000, help="at most this many images for --flips")
     parser.add_argument("--flips-images-base", type=int, default=12,
                         help="at most this many images for --flips with HRT-B (the costly one)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also print the floor: the model's products and GELUs at this machine's best rates")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
                         help="leave out the ONNX Runtime row (left out anyway when onnx/onnxruntime are missing)")
     parser.add_argument("--onnx-file", default=None, help=argparse.SUPPRESS)
@@ -345,6 +413,8 @@ def main() -> None:
     inference_table(args)
     if args.flips:
         flips_table(args)
+    if args.roofline:
+        roofline_table(args)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (above {args.threads}: other jobs shared the CPUs)")
 
 
