@@ -33,10 +33,9 @@ from datasets.io import IMAGE_EXTENSIONS, ImageReadError, not_a_regular_file
 from models import load_trained_model
 from models.onnx_backend import load_onnx_model
 from utils.entry import run_script
-from utils.evaluation.loop import (UniqueNames, add_resolution_arguments, escape_text, single_item, tiling_from,
-                                   write_csv)
-from utils.evaluation.prediction import (dataset_input_size, predict_map, probability_predictor, write_mask,
-                                         write_probability)
+from utils.evaluation.loop import (UniqueNames, add_batch_size_argument, add_resolution_arguments, escape_text,
+                                   predicted_items, single_item, tiling_from, write_csv)
+from utils.evaluation.prediction import dataset_input_size, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import heatmap_overlay
 from utils.files import write_png
 from utils.interrupt import Interrupted, stop_requests
@@ -70,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading the images (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     add_resolution_arguments(parser, default_fast=True)
+    add_batch_size_argument(parser)
     return parser
 
 
@@ -138,14 +138,15 @@ def localise(model, dataset, out: Path, device, args, stop) -> tuple[dict[str, d
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_item)
     scores, failures = {}, []
-    for item in tqdm(loader, desc="localising", disable=args.no_progress, dynamic_ncols=True):
+    items = tqdm(loader, desc="localising", disable=args.no_progress, dynamic_ncols=True)
+    for item, prediction in predicted_items(predict, items, lambda item: item["original"].shape[:2], device,
+                                            args.tiling, args.batch_size):
         if stop():
             return scores, failures, True
         if is_read_error(item):
             failures.append((item["bad_file"], str(ImageReadError(item["bad_file"], item["error"]))))
             continue
         original = item["original"]
-        prediction = predict_map(predict, item["image"], original.shape[:2], device, args.tiling)
         paths = output_paths(out, item["name"], args.save_prob)
         write_mask(paths["mask"], prediction)
         write_png(paths["heatmap"], heatmap_overlay(original, prediction.probability(), args.alpha))

@@ -38,8 +38,8 @@ from models import load_trained_model
 from utils.config import get_default_config, load_config
 from utils.entry import run_script
 from models.registry import sha256_of
-from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_resolution_arguments,
-                                   environment, evaluate, json_safe, tiling_from, write_csv)
+from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_batch_size_argument,
+                                   add_resolution_arguments, environment, evaluate, json_safe, tiling_from, write_csv)
 from utils.evaluation.metrics import DATASET_METRICS
 from utils.evaluation.prediction import dataset_input_size, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import plot_robustness
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="write into an --out folder that is not empty")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     add_resolution_arguments(parser, default_fast=False)
+    add_batch_size_argument(parser)
     return parser
 
 
@@ -184,6 +185,7 @@ def save_settings(out: Path, args, argv, trained, lists, device, num_workers, pe
         "resolution": args.resolution,
         "tiling": None if args.tiling is None else dataclasses.asdict(args.tiling),
         "fast_path": args.fast,
+        "batch_size": args.batch_size,
         "device": str(device),
         "num_workers": num_workers,
         "save_masks": args.save_masks,
@@ -212,7 +214,7 @@ def run_robustness(predict, datasets_rows, clean_results, perturbations, args, d
         for perturbation in perturbations:
             dataset = test_dataset(rows_of_list, args, perturbation)
             results = evaluate(predict, dataset, device, num_workers=num_workers, desc=f"{name} {perturbation.name}",
-                               tiling=args.tiling,
+                               tiling=args.tiling, batch_size=args.batch_size,
                                progress=not args.no_progress, skip_bad=args.skip_bad)
             rows.append({"dataset": name, "distortion": perturbation.kind, "level": plain_number(perturbation.level),
                          **{k: results[k] for k in METRIC_COLUMNS}})
@@ -288,7 +290,7 @@ def score_list(predict, name, rows, list_path, out, args, device, num_workers, s
     try:
         result = evaluate(predict, dataset, device, num_workers=num_workers, desc=name,
                           progress=not args.no_progress, on_image=on_image, skip_bad=args.skip_bad, stop=stop,
-                          tiling=args.tiling)
+                          tiling=args.tiling, batch_size=args.batch_size)
     except ImageReadError as error:
         raise ImageReadError(error.path, f"{error.problem} (listed in {list_path}); pass --skip-bad to skip "
                                          "unreadable images and count them instead") from None
@@ -315,7 +317,8 @@ def list_results(name, result, list_path, rows, args, device, num_workers) -> tu
         dataset = test_dataset(rows, args)
         for label, constant in (("all-forged", 1.0), ("all-authentic", 0.0)):
             baseline = evaluate(constant_predictor(constant), dataset, device, num_workers=num_workers,
-                                desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad, tiling=args.tiling)
+                                desc=f"{name} {label}", progress=False, skip_bad=args.skip_bad, tiling=args.tiling,
+                                batch_size=args.batch_size)
             entry[label] = {k: v for k, v in baseline.items() if k != "per_image"}
             table_rows.append(summary_row(f"{name} {label}", baseline))
     return entry, table_rows

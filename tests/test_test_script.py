@@ -75,13 +75,16 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+# A batch of 4 takes other convolution kernels than one image (oneDNN picks by shape): rounding apart, which the tiny
+# model's scaled-up logits magnify to about 1e-5 in probability.
+@pytest.mark.parametrize("batch,atol", [([], 2e-6), (["--batch-size", "4"], 5e-5)], ids=["one-at-a-time", "batch4"])
 @pytest.mark.parametrize("kind", ["ours", "official"])
-def test_metrics_equal_the_official_scoring_on_the_saved_maps(weights, tiny_list, tmp_path, kind):
+def test_metrics_equal_the_official_scoring_on_the_saved_maps(weights, tiny_list, tmp_path, kind, batch, atol):
     weights_path, model, head = weights[kind]
     list_path, rows = tiny_list
     out = tmp_path / "out"
     backbone = ["--backbone", "hrt_nano"] if kind == "official" else []
-    run(weights_path, list_path, out, "--save-masks", "--save-prob", *backbone)
+    run(weights_path, list_path, out, "--save-masks", "--save-prob", *backbone, *batch)
 
     report = json.loads((out / "metrics.json").read_text())
     result = report["datasets"]["tiny_6"]
@@ -99,7 +102,7 @@ def test_metrics_equal_the_official_scoring_on_the_saved_maps(weights, tiny_list
         width, height = Image.open(image_path).size
         prob = np.load(out / "tiny_6" / "prob" / f"{row['name']}.npy")
         assert prob.dtype == np.float32 and prob.shape == (height, width)
-        np.testing.assert_allclose(prob, reference_probability(model, image_path), atol=2e-6)
+        np.testing.assert_allclose(prob, reference_probability(model, image_path), atol=atol)
         pred = prob.astype(np.float64) * 255 > 127
         saved = np.asarray(Image.open(out / "tiny_6" / "masks" / f"{row['name']}.png"))
         assert saved.shape == (height, width) and set(np.unique(saved)) <= {0, 255}
@@ -126,6 +129,46 @@ def test_metrics_equal_the_official_scoring_on_the_saved_maps(weights, tiny_list
     assert settings["weights_sha256_prefix"] == hashlib.sha256(weights_path.read_bytes()).hexdigest()[:16]
     assert settings["head"] == head and settings["backbone"] == "hrt_nano"
     assert settings["lists"] == {"tiny_6": str(list_path)}
+    assert settings["batch_size"] == (int(batch[1]) if batch else 1)
+
+
+def test_batches_form_around_read_errors_and_keep_the_order():
+    """predicted_items: squash-resized images go through `predict` stacked, at most batch_size at a time, a read
+    error ends the batch before it and passes through as (item, None); every map equals one image at a time's."""
+    from utils.evaluation.loop import predicted_items
+    from utils.evaluation.prediction import predict_map
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(3, generator=generator)
+    calls = []
+
+    def predict(images):  # per pixel, a mix of the channels at 1/4 resolution, like the head
+        calls.append(images.shape[0])
+        return torch.sigmoid((images[:, :, ::4, ::4] * weights[None, :, None, None]).sum(1) * 4 - 3)
+
+    sizes = [(30, 50), (16, 16), (64, 40), (20, 20), (33, 17), (50, 31)]
+    items = [{"image": torch.rand(3, 32, 32, generator=generator), "size": size} for size in sizes]
+    items.insert(4, {"bad_file": "broken.png", "error": "truncated"})
+    done = list(predicted_items(predict, items, lambda item: item["size"], torch.device("cpu"), batch_size=3))
+    assert [item for item, _ in done] == items
+    assert calls == [3, 1, 2]
+    for item, prediction in done:
+        if "bad_file" in item:
+            assert prediction is None
+            continue
+        alone = predict_map(predict, item["image"], item["size"], torch.device("cpu"))
+        assert prediction.shape == item["size"]
+        np.testing.assert_array_equal(prediction.values_255, alone.values_255)
+
+
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "at least 1"),
+                                           (["--batch-size", "2", "--resolution", "native"], "runs alone")])
+def test_bad_batch_sizes_are_refused_before_anything_is_written(weights, tiny_list, tmp_path, flags, message):
+    weights_path, _, _ = weights["ours"]
+    list_path, _ = tiny_list
+    with pytest.raises(SystemExit, match=message):
+        run(weights_path, list_path, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
 
 
 def test_perturbations_write_the_robustness_table_and_plot(weights, tiny_list, tmp_path):

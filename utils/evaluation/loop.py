@@ -13,7 +13,7 @@ import math
 import platform
 import unicodedata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -25,7 +25,7 @@ from datasets.dataset import CatchReadErrors, is_read_error
 from datasets.io import ImageReadError
 from utils.files import atomic_write_text
 from utils.evaluation.metrics import PER_IMAGE_METRICS, PIXEL_KEYS, ImageMetrics, PixelMetrics
-from utils.evaluation.prediction import Tiling, predict_map
+from utils.evaluation.prediction import ProbabilityMap, Tiling, predict_map, probability_map
 
 # Columns of the per-image rows, in CSV order; pixel metrics are empty for authentic images.
 PER_IMAGE_COLUMNS = ("name", "path", "tampered", "score", "height", "width", "forged_fraction",
@@ -57,10 +57,25 @@ def add_resolution_arguments(parser, default_fast: bool) -> None:
                                  "protocol's numbers stay bit for bit what they are")
 
 
+def add_batch_size_argument(parser) -> None:
+    """test.py's and infer.py's --batch-size (the viewer runs one image at a time)."""
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="protocol resolution: images per forward pass (they share the input size; default 1). "
+                             "The maps equal one image at a time's up to float rounding; on the CPU a larger batch "
+                             "is slower per image, not faster")
+
+
 def tiling_from(args) -> Tiling | None:
-    """The `Tiling` of --resolution native (None for the protocol's squash-resize); a bad size is a SystemExit."""
+    """The `Tiling` of --resolution native (None for the protocol's squash-resize); a bad size, or a batch size
+    other than 1 with native resolution (its images differ in size), is a SystemExit."""
+    batch_size = getattr(args, "batch_size", 1)
+    if batch_size < 1:
+        raise SystemExit(f"--batch-size {batch_size}: must be at least 1")
     if args.resolution != "native":
         return None
+    if batch_size != 1:
+        raise SystemExit("--batch-size applies to --resolution protocol: at native resolution every image has its "
+                         "own size and runs alone")
     try:
         return Tiling(args.tile, args.tile_overlap)
     except ValueError as error:
@@ -85,10 +100,40 @@ def _mask_2d(mask: torch.Tensor) -> np.ndarray:
     return mask.reshape(mask.shape[-2:]).numpy() > 0.5
 
 
+def predicted_items(predict: Callable[[torch.Tensor], torch.Tensor], items: Iterable[dict],
+                    size_of: Callable[[dict], tuple[int, int]], device: torch.device, tiling: Tiling | None = None,
+                    batch_size: int = 1) -> Iterator[tuple[dict, ProbabilityMap | None]]:
+    """Each item of `items` (a `CatchReadErrors` loader's) with its prediction at `size_of(item)`, in order: a read
+    error with None. Squash-resized images (no `tiling`) go through `predict` up to `batch_size` at a time, stacked
+    (they share the input size); at native resolution each image runs alone (`predict_map`)."""
+    pending: list[dict] = []
+
+    def flush() -> list[tuple[dict, ProbabilityMap]]:
+        if not pending:
+            return []
+        with torch.inference_mode():
+            probs = predict(torch.stack([item["image"] for item in pending]).to(device)).float().cpu()
+        done = [(item, probability_map(prob, size_of(item))) for item, prob in zip(pending, probs)]
+        pending.clear()
+        return done
+
+    for item in items:
+        if is_read_error(item) or tiling is not None:
+            yield from flush()
+            yield item, None if is_read_error(item) else predict_map(predict, item["image"], size_of(item), device,
+                                                                     tiling)
+            continue
+        pending.append(item)
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device, num_workers: int = 0,
              desc: str = "evaluating", progress: bool = True, on_image: Callable | None = None,
-             skip_bad: bool = False, stop: Callable[[], bool] = lambda: False, tiling=None) -> dict:
+             skip_bad: bool = False, stop: Callable[[], bool] = lambda: False, tiling=None,
+             batch_size: int = 1) -> dict:
     """Metrics of `predict` on `dataset` (a `ForgeryDataset` in test/val mode: masks at their original size).
 
     `on_image(item, prediction)` is called for every image with its `ProbabilityMap` at the original size (saving
@@ -96,14 +141,17 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: t
     the file, or with `skip_bad` is left out and listed in `skipped` as (path, message). When `stop()` says so
     (a Ctrl-C, see `utils.interrupt`), scoring stops between images with `EvaluationStopped`, which carries the
     rows of the images done. `tiling` (a `prediction.Tiling`): the dataset gives images at their own size
-    (`input_size=None`), predicted at native resolution. Returns the merged pixel and image metrics, `per_image` rows (every scored image,
+    (`input_size=None`), predicted at native resolution; without it, `batch_size` squash-resized images go through
+    `predict` at a time (`predicted_items`). Returns the merged pixel and image metrics, `per_image` rows (every scored image,
     columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
     """
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=single_item)
     pixel, image_level = PixelMetrics(), ImageMetrics()
     rows, skipped = [], []
-    for item in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    items = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for item, prediction in predicted_items(predict, items, lambda item: item["mask"].shape[-2:], device, tiling,
+                                            batch_size):
         if stop():
             raise EvaluationStopped(rows)
         if is_read_error(item):
@@ -113,7 +161,6 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: t
             skipped.append((item["bad_file"], str(error)))
             continue
         gt = _mask_2d(item["mask"])
-        prediction = predict_map(predict, item["image"], gt.shape, device, tiling)
         tampered = item["tampered"]
         row = {"path": item["path"], "tampered": tampered, "score": prediction.score}
         if tampered:  # pixel metrics on tampered images only, as in MPC
