@@ -30,11 +30,9 @@ from tqdm import tqdm
 
 from datasets.dataset import CatchReadErrors, ForgeryDataset, is_read_error
 from datasets.io import IMAGE_EXTENSIONS, ImageReadError, not_a_regular_file
-from models import load_trained_model
-from models.onnx_backend import load_onnx_model
 from utils.entry import run_script
-from utils.evaluation.loop import (UniqueNames, add_batch_size_argument, add_resolution_arguments, escape_text,
-                                   predicted_items, single_item, tiling_from, write_csv)
+from utils.evaluation.loop import (UniqueNames, add_backend_argument, add_batch_size_argument, add_resolution_arguments,
+                                   escape_text, load_for_backend, predicted_items, single_item, tiling_from, write_csv)
 from utils.evaluation.prediction import dataset_input_size, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import heatmap_overlay
 from utils.files import write_png
@@ -55,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default=None, help="official weights only (default hrt_base)")
     parser.add_argument("--head", default=None, choices=("catnet", "casiav2"),
                         help="official weights only; default: recognised from the file's layer widths")
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
-                        help="onnxruntime: --weights is an .onnx file written by stage2/export.py, run by ONNX Runtime "
-                             "on the CPU")
+    add_backend_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--input-size", type=int, default=None,
                         help="squash-resize size (default: the size our checkpoint was trained at; 512, the "
@@ -171,10 +167,7 @@ def main(argv=None) -> dict:
     skipped = [n for n in names if n not in {name for _, name in todo}]
 
     device = resolve_device(args.device)
-    if args.backend == "onnxruntime":
-        trained = load_onnx_model(args.weights, args.backbone, args.head)
-    else:
-        trained = load_trained_model(args.weights, args.backbone, args.head, device)
+    trained = load_for_backend(args, device)
     args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size),  # a copy
                                  "tiling": tiling_from(args), "fast": args.fast and args.backend == "pytorch"})
     out.mkdir(parents=True, exist_ok=True)

@@ -34,12 +34,12 @@ from datasets.dataset import ForgeryDataset
 from datasets.flist import read_flist
 from datasets.io import ImageReadError
 from datasets.perturb import ROBUSTNESS_GRID, make_perturbation, parse_perturbations
-from models import load_trained_model
 from utils.config import get_default_config, load_config
 from utils.entry import run_script
 from models.registry import sha256_of
-from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_batch_size_argument,
-                                   add_resolution_arguments, environment, evaluate, json_safe, tiling_from, write_csv)
+from utils.evaluation.loop import (PER_IMAGE_COLUMNS, EvaluationStopped, UniqueNames, add_backend_argument,
+                                   add_batch_size_argument, add_resolution_arguments, environment, evaluate, json_safe,
+                                   load_for_backend, tiling_from, write_csv)
 from utils.evaluation.metrics import DATASET_METRICS
 from utils.evaluation.prediction import dataset_input_size, probability_predictor, write_mask, write_probability
 from utils.evaluation.visualize import plot_robustness
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip unreadable images or masks (counted in the report) instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="write into an --out folder that is not empty")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_backend_argument(parser)
     add_resolution_arguments(parser, default_fast=False)
     add_batch_size_argument(parser)
     return parser
@@ -184,6 +185,7 @@ def save_settings(out: Path, args, argv, trained, lists, device, num_workers, pe
         "input_size": args.input_size,
         "resolution": args.resolution,
         "tiling": None if args.tiling is None else dataclasses.asdict(args.tiling),
+        "backend": args.backend,
         "fast_path": args.fast,
         "batch_size": args.batch_size,
         "device": str(device),
@@ -256,7 +258,10 @@ def main(argv=None) -> dict:
     config = load_config(args.config) if args.config else None
     perturbations = perturbations_from(args)
     device = resolve_device(args.device)
-    trained = load_trained_model(args.weights, args.backbone, args.head, device)
+    if args.fast and args.backend == "onnxruntime":
+        raise SystemExit("--fast is PyTorch's inference path; ONNX Runtime (--backend onnxruntime) runs the exported "
+                         "graph as it is")
+    trained = load_for_backend(args, device)
     args = argparse.Namespace(**{**vars(args), "input_size": trained.input_size(args.input_size),  # a copy
                                  "tiling": tiling_from(args)})
     lists = resolve_lists(args, config, trained)

@@ -303,8 +303,7 @@ def reuse_loaded_model(monkeypatch, weights):
             return weights.loaded
         return real(path, backbone, head, device)
 
-    monkeypatch.setattr(test_script, "load_trained_model", load)
-    monkeypatch.setattr(infer, "load_trained_model", load)
+    monkeypatch.setattr(models, "load_trained_model", load)  # what both scripts' load_for_backend calls
 
 
 @pytest.fixture

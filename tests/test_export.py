@@ -305,3 +305,38 @@ def test_infer_with_onnxruntime_names_a_size_it_cannot_take(exported_onnx, tmp_p
                                    "--num-workers", "0", "--no-progress"])
     assert stop.value.code == 2
     assert "ours.onnx: height and width must be multiples of 32" in capsys.readouterr().err
+
+
+def test_test_script_scores_an_onnx_model_as_the_pytorch_weights(exported_onnx, weights, tmp_path):
+    """stage2/test.py --backend onnxruntime: the same images, per-image rows and metrics as the PyTorch weights it
+    was exported from (maps within 1e-5; the metrics' thresholds may move a pixel at most), batches included."""
+    from PIL import Image
+
+    from stage2 import test as test_script
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for index, (height, width) in enumerate([(70, 90), (64, 40), (48, 48)]):
+        image, mask = tmp_path / f"{index}.png", tmp_path / f"{index}_gt.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(image)
+        Image.fromarray((rng.random((height, width)) < 0.3).astype(np.uint8) * 255).save(mask)
+        rows.append((str(image), str(mask)))
+    list_path = tmp_path / "three_3.npy"
+    np.save(list_path, np.array(rows))
+    common = ["--flist", str(list_path), "--device", "cpu", "--num-workers", "0", "--no-progress", "--save-prob",
+              "--input-size", "64"]
+    onnx = test_script.main([*common, "--weights", str(exported_onnx[0]), "--backend", "onnxruntime",
+                             "--batch-size", "2", "--out", str(tmp_path / "o")])
+    torch_report = test_script.main([*common, "--weights", str(weights["ours"][0]), "--out", str(tmp_path / "p")])
+    for index in range(3):
+        onnx_prob = np.load(tmp_path / "o" / "three_3" / "prob" / f"{index}.npy")
+        torch_prob = np.load(tmp_path / "p" / "three_3" / "prob" / f"{index}.npy")
+        assert onnx_prob.shape == torch_prob.shape and np.abs(onnx_prob - torch_prob).max() <= 1e-5
+        assert onnx_prob.std() > 0.01
+    for key in ("auc_mean", "auc_pooled"):
+        assert onnx["datasets"]["three_3"][key] == pytest.approx(torch_report["datasets"]["three_3"][key], abs=1e-4)
+    assert onnx["datasets"]["three_3"]["n_tampered"] == 3
+    with pytest.raises(SystemExit, match="--fast is PyTorch's"):
+        test_script.main([*common, "--weights", str(exported_onnx[0]), "--backend", "onnxruntime", "--fast",
+                          "--out", str(tmp_path / "f")])
+    assert not (tmp_path / "f").exists()

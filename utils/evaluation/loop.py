@@ -57,6 +57,26 @@ def add_resolution_arguments(parser, default_fast: bool) -> None:
                                  "protocol's numbers stay bit for bit what they are")
 
 
+BACKENDS = ("pytorch", "onnxruntime")
+
+
+def add_backend_argument(parser) -> None:
+    """test.py's and infer.py's --backend: PyTorch weights, or an .onnx file of stage2/export.py in ONNX Runtime."""
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                        help="onnxruntime: --weights is an .onnx file written by stage2/export.py, run by ONNX Runtime "
+                             "on the CPU (the fast path does not apply)")
+
+
+def load_for_backend(args, device: torch.device):
+    """The `TrainedModel` --weights names for --backend (with --backbone/--head for official files)."""
+    from models import load_trained_model
+    from models.onnx_backend import load_onnx_model
+
+    if args.backend == "onnxruntime":
+        return load_onnx_model(args.weights, args.backbone, args.head)
+    return load_trained_model(args.weights, args.backbone, args.head, device)
+
+
 def add_batch_size_argument(parser) -> None:
     """test.py's and infer.py's --batch-size (the viewer runs one image at a time)."""
     parser.add_argument("--batch-size", type=int, default=1,
