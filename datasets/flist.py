@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,6 @@ from datasets.io import (
     MASK_THRESHOLD, ImageReadError, MaskPixels, image_size, mask_convention_problem, not_a_regular_file, read_image,
     read_mask_pixels,
 )
-from datasets.mixture import RepeatedRows
 from utils.errors import UserError
 from utils.files import atomic_output, atomic_write_text, write_png
 
@@ -169,6 +168,24 @@ def json_flist_text(rows) -> str:
                                 f"list; give it a folder (e.g. './{mask}')")
         lines.append("    " + json.dumps([str(image), str(mask) or JSON_AUTHENTIC], ensure_ascii=False))
     return "[\n" + ",\n".join(lines) + "\n]\n"
+
+
+class RepeatedRows(Sequence):
+    """(M, 2) pairs seen through an index map: `rows[index[i]]` is sample i (the training mixture's repeats,
+    `datasets.mixture`: one int per sample, not a copy of its paths)."""
+
+    def __init__(self, rows: np.ndarray, index: np.ndarray):
+        self.rows = rows
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.rows[self.index[i]]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.rows[self.index] if dtype is None else self.rows[self.index].astype(dtype)
 
 
 def as_rows(rows) -> np.ndarray | RepeatedRows:

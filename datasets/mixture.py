@@ -6,33 +6,15 @@ Repeats are an index map into the unique rows, so an epoch costs one int per sam
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 
-
-class RepeatedRows(Sequence):
-    """(M, 2) pairs seen through an index map: `rows[index[i]]` is sample i."""
-
-    def __init__(self, rows: np.ndarray, index: np.ndarray):
-        self.rows = rows
-        self.index = index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i):
-        return self.rows[self.index[i]]
-
-    def __array__(self, dtype=None, copy=None):
-        return self.rows[self.index] if dtype is None else self.rows[self.index].astype(dtype)
+from datasets.flist import RepeatedRows, read_flist
 
 
 def load_rows(source) -> np.ndarray:
     """An (N, 2) str array from a file-list path or from rows given directly."""
     if isinstance(source, (str, os.PathLike)):
-        from datasets.flist import read_flist
-
         return read_flist(source)
     rows = np.asarray(source, dtype=str)
     if rows.ndim != 2 or rows.shape[1] != 2:
