@@ -415,7 +415,9 @@ def main() -> None:
         flips_table(args)
     if args.roofline:
         roofline_table(args)
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f} (above {args.threads}: other jobs shared the CPUs)")
+    load = os.getloadavg()[0]
+    shared = f" (above {args.threads}: other jobs shared the CPUs; read the times with care)" if load > args.threads else ""
+    print(f"\nload average at the end {load:.1f}{shared}")
 
 
 if __name__ == "__main__":

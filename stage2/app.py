@@ -255,6 +255,21 @@ def write_downloads(folder: Path, stem: str, analysis: Analysis, threshold: floa
     return paths
 
 
+# Analyses whose download files stay on disk: the page shows two at a time (the image and its "what if"); a long
+# session over large images would otherwise fill the temporary disk (a 12000×9000 map's .npy alone is 432 MB).
+KEPT_ANALYSES = 8
+
+
+def keep_recent_downloads(root: Path, current: Path, keep: int = KEPT_ANALYSES) -> None:
+    """Mark `current` (an analysis folder under `root`) as just used, and delete all but the `keep` most recently
+    used analysis folders; `current` always stays."""
+    current.touch()
+    others = sorted((p for p in root.iterdir() if p.is_dir() and p != current),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in others[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def folder_images(folder: str | None) -> list[str]:
     """The image files directly in `folder`, sorted by name."""
     if not folder:
@@ -313,6 +328,7 @@ def build_app(default_weights: str, folder: str | None = None, device: torch.dev
         """(heat map, mask at t, score text, metrics text, mask file, heat-map file, probability file)."""
         stem = Path(analysis.path).stem + (f"_{analysis.distortion.replace(':', '')}" if analysis.distortion else "")
         files = write_downloads(downloads_root / analysis.key, stem, analysis, threshold, alpha)
+        keep_recent_downloads(downloads_root, downloads_root / analysis.key)
         mask = mask_at(analysis.prediction, threshold).astype(np.uint8) * 255
         score = f"Image-level score: **{analysis.prediction.score:.4f}**"
         if analysis.distortion:

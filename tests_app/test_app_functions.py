@@ -76,6 +76,23 @@ def test_heatmap_mask_probability_and_score_are_infers(spliced, cache, tmp_path,
     np.testing.assert_array_equal(np.load(files["prob"]), prob_ref)
 
 
+def test_only_the_most_recently_used_download_folders_stay(tmp_path):
+    """Ten analyses, each folder used at its own time (analysis 3 used again last): after using analysis 9, the
+    three most recently used stay (9, 3, 8) and every other folder is gone, its files with it."""
+    import os
+
+    root = tmp_path / "downloads"
+    folders = [root / f"analysis{i}" for i in range(10)]
+    for i, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        (folder / "x_prob.npy").write_bytes(b"0" * 100)
+        os.utime(folder, ns=(i * 10**9, i * 10**9))
+    os.utime(folders[3], ns=(20 * 10**9, 20 * 10**9))
+    app.keep_recent_downloads(root, folders[9], keep=3)
+    assert sorted(p.name for p in root.iterdir()) == ["analysis3", "analysis8", "analysis9"]
+    assert (folders[3] / "x_prob.npy").is_file()
+
+
 def test_threshold_is_the_official_rule_and_0_5_is_the_protocol_mask():
     assert [app.threshold_255(t) for t in (0.0, 0.3, 0.5, 0.6, 1.0)] == [0, 76, 127, 153, 255]
     values = np.array([[0.0, 76.0, 76.5, 77.0], [127.0, 127.2, 127.5, 128.0], [152.9, 153.0, 153.1, 255.0]],
