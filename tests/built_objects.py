@@ -51,8 +51,9 @@ def build_run(stage: int, config: str, out_dir, overrides: list[str] | tuple[str
     script = {1: stage1.train, 2: stage2.train}[stage]
     BuiltRun.last = None
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("datasets.flist.read_flist", generated_list)
-        patch.setattr("utils.training.builders.read_flist", generated_list)
+        # every binding the training scripts read lists through
+        for where in ("datasets.flist", "datasets.mixture", "utils.training.builders"):
+            patch.setattr(f"{where}.read_flist", generated_list)
         patch.setattr(script, "Trainer", BuiltRun)
         if stage == 2:
             patch.setattr(script, "load_checkpoint", lambda model, path, **kwargs: "not read by the test")
