@@ -59,7 +59,7 @@ def head_validation(cfg, val_sets, device):
 
         predict = probability_predictor(model)
         results = {name: evaluate(predict, dataset, device, num_workers=cfg.TEST.NUM_WORKERS, desc=f"val {name}",
-                                  on_image=keep_preview)
+                                  on_image=keep_preview, batch_size=cfg.TEST.BATCH_SIZE)
                    for name, dataset in val_sets.items()}
         summary = validation_summary(results)
         if previews:

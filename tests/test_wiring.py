@@ -290,6 +290,32 @@ def test_cosine_keys_reach_the_scheduler(build):
     assert (scheduler.T_max, scheduler.eta_min, scheduler.base_lrs) == (7, 3e-9, [2e-6])
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_test_batch_size_reaches_stage2_validation(build, monkeypatch, batch):
+    """TEST.BATCH_SIZE is the batch of every validation set's `evaluate` (whose batches equal one image at a time's:
+    tests/test_test_script.py); stage 1's k-means validation stays one image at a time."""
+    import stage2.train
+
+    calls = []
+
+    def evaluate(predict, dataset, device, **options):
+        calls.append(options.get("batch_size"))
+        return {"f1_fixed": 0.5, "iou": 0.25}
+
+    run = build(2, NANO + ["TEST.BATCH_SIZE", str(batch)])
+    monkeypatch.setattr(stage2.train, "evaluate", evaluate)
+    summary = run.hooks.validate(run.model)
+    assert calls and calls == [batch] * len(calls)
+    assert summary["score"] == pytest.approx(0.375)
+
+
+def test_a_test_batch_size_below_one_is_refused(build):
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="TEST.BATCH_SIZE must be positive"):
+        build(2, NANO + ["TEST.BATCH_SIZE", "0"])
+
+
 # ---- the head loss --------------------------------------------------------------------------------------------------
 HEAD_LOGITS = [2.0, -1.0, 0.5, -3.0]
 HEAD_TARGET = [1.0, 0.0, 0.0, 1.0]
