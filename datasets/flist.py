@@ -158,11 +158,11 @@ def _read_json_flist(path: Path) -> np.ndarray:
     return np.asarray(rows, dtype=str).reshape(-1, 2)
 
 
-def json_flist_text(rows) -> str:
-    """The JSON text of a list, one `[image, mask]` pair a line, `"Negative"` for authentic rows, UTF-8 paths kept
-    as they are."""
+def _json_text(array) -> str:
+    """The JSON text of rows (`as_rows`), one `[image, mask]` pair a line, `"Negative"` for authentic rows, UTF-8
+    paths kept as they are."""
     lines = []
-    for index, (image, mask) in enumerate(as_rows(rows)):
+    for index, (image, mask) in enumerate(array):
         if mask == JSON_AUTHENTIC:
             raise FileListError(f"row {index}: the mask path '{mask}' would read back as an authentic image in a JSON "
                                 f"list; give it a folder (e.g. './{mask}')")
@@ -205,23 +205,22 @@ def write_flist(rows, out_dir, name: str, list_format: str = "npy") -> Path:
     if list_format not in LIST_FORMATS:
         raise ValueError(f"list_format must be one of {LIST_FORMATS}, got '{list_format}'")
     array = as_rows(rows)
-    if array.shape[0] == 0:
-        raise FileListError(f"file list '{name}': refusing to write an empty list")
-    out_dir = Path(out_dir)
-    path = out_dir / f"{name}_{array.shape[0]}.{list_format}"
-    return write_flist_file(array, path)
+    return _write_rows(array, Path(out_dir) / f"{name}_{len(array)}.{list_format}")
 
 
 def write_flist_file(rows, path) -> Path:
     """Save rows at exactly `path`, in the format its extension names (.npy or .json), atomically."""
-    path = Path(path)
-    array = as_rows(rows)
-    if array.shape[0] == 0:
+    return _write_rows(as_rows(rows), Path(path))
+
+
+def _write_rows(array, path: Path) -> Path:
+    """`write_flist_file` for rows already converted by `as_rows`."""
+    if len(array) == 0:
         raise FileListError(f"file list '{path}': refusing to write an empty list")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
-            text = json_flist_text(array)
+            text = _json_text(array)
         except FileListError as error:
             raise FileListError(f"file list '{path}': {error}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
