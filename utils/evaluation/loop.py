@@ -25,7 +25,7 @@ from datasets.dataset import CatchReadErrors, is_read_error
 from datasets.io import ImageReadError
 from utils.files import atomic_write_text
 from utils.evaluation.metrics import PER_IMAGE_METRICS, PIXEL_KEYS, ImageMetrics, PixelMetrics
-from utils.evaluation.prediction import ProbabilityMap, Tiling, predict_map, probability_map
+from utils.evaluation.prediction import ProbabilityMap, Tiling, predict_map, protocol_maps
 
 # Columns of the per-image rows, in CSV order; pixel metrics are empty for authentic images.
 PER_IMAGE_COLUMNS = ("name", "path", "tampered", "score", "height", "width", "forged_fraction",
@@ -131,9 +131,9 @@ def predicted_items(predict: Callable[[torch.Tensor], torch.Tensor], items: Iter
     def flush() -> list[tuple[dict, ProbabilityMap]]:
         if not pending:
             return []
-        with torch.inference_mode():
-            probs = predict(torch.stack([item["image"] for item in pending]).to(device)).float().cpu()
-        done = [(item, probability_map(prob, size_of(item))) for item, prob in zip(pending, probs)]
+        maps = protocol_maps(predict, [item["image"] for item in pending], [size_of(item) for item in pending],
+                             device)
+        done = list(zip(pending, maps))
         pending.clear()
         return done
 
@@ -162,8 +162,8 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], dataset, device: t
     (a Ctrl-C, see `utils.interrupt`), scoring stops between images with `EvaluationStopped`, which carries the
     rows of the images done. `tiling` (a `prediction.Tiling`): the dataset gives images at their own size
     (`input_size=None`), predicted at native resolution; without it, `batch_size` squash-resized images go through
-    `predict` at a time (`predicted_items`). Returns the merged pixel and image metrics, `per_image` rows (every scored image,
-    columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
+    `predict` at a time (`predicted_items`). Returns the merged pixel and image metrics, `per_image` rows (every
+    scored image, columns `PER_IMAGE_COLUMNS` less `name`) and `skipped`.
     """
     loader = DataLoader(CatchReadErrors(dataset), batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=single_item)

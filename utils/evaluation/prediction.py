@@ -153,6 +153,15 @@ def native_probability(predict: Callable[[torch.Tensor], torch.Tensor], image: t
     return (total / weight).float()
 
 
+def protocol_maps(predict: Callable[[torch.Tensor], torch.Tensor], images: list[torch.Tensor], sizes,
+                  device: torch.device) -> list[ProbabilityMap]:
+    """Pre-processed images (each 3×S×S, squash-resized, in [0, 1]) through `predict` in one stacked batch, each
+    map at its original size in `sizes` (the protocol)."""
+    with torch.inference_mode():
+        probs = predict(torch.stack(images).to(device)).float().cpu()
+    return [probability_map(prob, size) for prob, size in zip(probs, sizes)]
+
+
 def predict_map(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, size,
                 device: torch.device, tiling: Tiling | None = None) -> ProbabilityMap:
     """One image through `predict`, as a map at its original `size` = (H, W).
@@ -162,9 +171,7 @@ def predict_map(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     resized ×4 (exact alignment) and cropped to H×W.
     """
     if tiling is None:
-        with torch.inference_mode():
-            prob = predict(image.unsqueeze(0).to(device))[0].float().cpu()
-        return probability_map(prob, size)
+        return protocol_maps(predict, [image], [size], device)[0]
     height, width = (int(n) for n in size)
     if tuple(image.shape[1:]) != (height, width):
         raise ValueError(f"native inference: the image is {tuple(image.shape[1:])}, the size asked {size}")
