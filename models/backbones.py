@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from utils.config import ConfigError
 
-__all__ = ["BACKBONES", "build_backbone", "register_backbone"]
+__all__ = ["BACKBONES", "COARSEST_STRIDE", "build_backbone", "register_backbone"]
+
+COARSEST_STRIDE = 32  # of every backbone's last map: inputs whose sides are multiples of it halve exactly 4 times
 
 BACKBONES: dict[str, Callable[[float], nn.Module]] = {}
 

@@ -28,6 +28,7 @@ import torch
 from utils.errors import UserError
 from utils.files import atomic_write_bytes
 
+from .backbones import COARSEST_STRIDE
 from .checkpoint import SAFETENSORS_FORMAT, SAFETENSORS_VERSION
 from .onnx_backend import METADATA_PREFIX, ONNX_FORMAT, ONNX_FORMAT_VERSION, OnnxRuntimeModel
 from .trained import TrainedModel, load_trained_model
@@ -36,7 +37,7 @@ __all__ = ["DEFAULT_TOLERANCE", "OPSET", "SIZE_MULTIPLE", "ExportError", "OnnxCh
            "default_check_shapes", "export_onnx", "export_safetensors", "onnx_model_bytes", "refuse_existing",
            "release_metadata"]
 
-SIZE_MULTIPLE = 32  # the coarsest branch's stride: exported models take heights and widths that are multiples of it
+SIZE_MULTIPLE = COARSEST_STRIDE  # exported models take heights and widths that are multiples of it
 OPSET = 17  # LayerNormalization is one ONNX operator from opset 17
 DEFAULT_TOLERANCE = 1e-4  # largest |ONNX Runtime − PyTorch| logit accepted, per unit of the largest |logit| above 1
 _TRACE_SHAPE = (2, 3, 2 * SIZE_MULTIPLE, 3 * SIZE_MULTIPLE)  # batch 2, height ≠ width: no size is taken as fixed

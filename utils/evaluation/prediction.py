@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from models.backbones import COARSEST_STRIDE
 from utils.evaluation.metrics import FIXED_THRESHOLD_255, upsample_probability
 from utils.files import atomic_write_bytes, write_png
 
@@ -70,8 +71,8 @@ def probability_predictor(model: torch.nn.Module, fast: bool = False) -> Callabl
     return predict
 
 
-# HRFormer's coarsest branch is at 1/32 of the input: native-resolution inputs are padded to a multiple of it.
-NATIVE_MULTIPLE = 32
+# Native-resolution inputs are padded to a multiple of the backbone's coarsest stride.
+NATIVE_MULTIPLE = COARSEST_STRIDE
 
 
 @dataclass(frozen=True)
