@@ -416,7 +416,8 @@ def main() -> None:
     if args.roofline:
         roofline_table(args)
     load = os.getloadavg()[0]
-    shared = f" (above {args.threads}: other jobs shared the CPUs; read the times with care)" if load > args.threads else ""
+    shared = (f" (above {args.threads}: other jobs shared the CPUs; read the times with care)"
+              if load > args.threads else "")
     print(f"\nload average at the end {load:.1f}{shared}")
 
 

@@ -111,8 +111,9 @@ def set_activation_checkpointing(model: nn.Module, granularity: str) -> int:
     ``block``: every transformer block (many small regions: the fusion layers between them keep their activations,
     and one block's activations are alive at a time in backward); ``module``: every high-resolution module, its
     blocks on all branches and their fusion as one region (fewer, larger regions: less is kept between them, and one
-    whole module's activations are alive at a time in backward). ``off``: every region back to its plain class. Applies to every HRFormer inside ``model`` (a stage-1 or stage-2
-    model); a model without one cannot be checkpointed here and raises ``ValueError``.
+    whole module's activations are alive at a time in backward). ``off``: every region back to its plain class.
+    Applies to every HRFormer inside ``model`` (a stage-1 or stage-2 model); a model without one cannot be
+    checkpointed here and raises ``ValueError``.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"activation checkpointing must be one of {GRANULARITIES}, not {granularity!r}")

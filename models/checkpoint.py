@@ -30,7 +30,8 @@ from .errors import CheckpointError
 from .registry import verify_weights
 
 __all__ = ["FORMAT_VERSION", "OUR_FORMAT", "RELEASE_KEYS", "SAFETENSORS_FORMAT", "SAFETENSORS_VERSION",
-           "CheckpointError", "check_weights_file", "export_weights", "is_safetensors", "read_checkpoint", "read_training_checkpoint",
+           "CheckpointError", "check_weights_file", "export_weights", "is_safetensors", "read_checkpoint",
+           "read_training_checkpoint",
            "safetensors_metadata", "save_checkpoint"]
 
 OUR_FORMAT = "mpc-reimpl"  # value of the "format" key in checkpoints written by this project

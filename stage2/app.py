@@ -409,7 +409,8 @@ def build_app(default_weights: str, folder: str | None = None, device: torch.dev
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image", elem_id="upload")
-                picker = gr.Dropdown(choices=images_in_folder, value=None, label=f"…or an image of --folder {Path(folder).name if folder else ''}",
+                picker = gr.Dropdown(choices=images_in_folder, value=None,
+                                     label=f"…or an image of --folder {Path(folder).name if folder else ''}",
                                      visible=bool(images_in_folder), elem_id="picker")
                 weights = gr.Dropdown(choices=weight_choices, value=default_weights, allow_custom_value=True,
                                       label="Weights: a registry entry or the path of a stage-2 weights file",

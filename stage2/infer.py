@@ -7,7 +7,8 @@ Pre-processing is the test protocol's (squash-resize to --input-size, /255), so 
 testing; --resolution native runs each image at its own size instead (padded to a multiple of 32, in overlapping
 tiles blended across the seams above --tile pixels a side, so that memory stays bounded on huge images). The model
 runs through the fast inference path (models/inference.py: BatchNorm folded, channels-last, fused attention; maps
-equal to the plain eval forward's up to float rounding); --plain uses the plain forward. Per image, in OUT: <name>_mask.png (0/255 at the original size, the official > 127 rule), <name>_heatmap.png
+equal to the plain eval forward's up to float rounding); --plain uses the plain forward. Per image, in OUT:
+<name>_mask.png (0/255 at the original size, the official > 127 rule), <name>_heatmap.png
 (the probability map over the image), with --save-prob <name>_prob.npy (float32 in [0, 1], original size); one
 scores.csv with the image-level score (the map's maximum, in [0, 1]). <name> is the file name less its extension,
 made unique when two inputs share it. Unreadable files are reported and skipped; the exit code is 0 when at least

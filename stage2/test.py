@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True,
                         help="our stage-2 checkpoint (runs/.../best.pth) or an official MPC_*_stage2_weights.pth")
     parser.add_argument("--flist", nargs="+", default=None,
-                        help="test file lists (official .npy, or IMDLBenCo .json); default: DATA.TEST_LISTS of --config, else of the "
-                             "checkpoint's config, else the official ten")
+                        help="test file lists (official .npy, or IMDLBenCo .json); default: DATA.TEST_LISTS of "
+                             "--config, else of the checkpoint's config, else the official ten")
     parser.add_argument("--config", default=None,
                         help="experiment YAML for DATA.TEST_LISTS and TEST.NUM_WORKERS (the model settings of our "
                              "checkpoints always come from the config stored in them)")
